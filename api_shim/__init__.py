@@ -1,0 +1,1 @@
+"""The HTTP side of the hub: the FastAPI app, its routes, and the command line."""

@@ -1,0 +1,35 @@
+"""The FastAPI application: routes, problem documents, and the clients they share."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+from api_shim import problems
+from api_shim.queue import Enqueue, celery_enqueue
+from api_shim.routes import connections, executions, health, templates
+from models.db import get_engine
+from models.settings import Settings, get_settings
+
+DESCRIPTION = """Keeps an organisation's connections to third-party web services in one place
+and executes requests through them asynchronously. Every call but the health checks and the
+docs needs `Authorization: Bearer <tenant API key>`. Errors are RFC 9457 problem documents
+with a stable `code`."""
+
+
+def create_app(
+    settings: Settings | None = None, *, engine: Engine | None = None, enqueue: Enqueue | None = None
+) -> FastAPI:
+    """The API, on ``engine`` (default: the configured database), sending jobs with ``enqueue``."""
+    settings = settings or get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(title="Integration Hub", version="0.1.0", description=DESCRIPTION)
+    app.state.settings = settings
+    app.state.engine = engine or get_engine(settings.effective_database_url())
+    app.state.enqueue = enqueue or celery_enqueue()
+    problems.install(app)
+    for module in (health, templates, connections, executions):
+        app.include_router(module.router)
+    return app

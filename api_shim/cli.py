@@ -1,0 +1,135 @@
+"""The ``integration-hub`` command.
+
+::
+
+    integration-hub dev [--port 8000] [--flower-port 5555] [--upstream-port 8089]
+    integration-hub migrate
+    integration-hub tenants create NAME [--rate R] [--burst B] [--max-inflight N]
+    integration-hub api [--host H] [--port P]
+    integration-hub worker [-c N] [--pool P]
+    integration-hub flower [--address A] [--port P]
+    integration-hub upstream [--host H] [--port P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from models import errors
+from models.settings import get_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="integration-hub", description="Integration Hub.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    dev = commands.add_parser("dev", help="run the whole stack on embedded defaults")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8000)
+    dev.add_argument("--flower-port", type=int, default=5555)
+    dev.add_argument("--upstream-port", type=int, default=8089)
+
+    commands.add_parser("migrate", help="apply the database migrations")
+
+    tenants = commands.add_parser("tenants", help="manage tenants")
+    tenant_commands = tenants.add_subparsers(dest="tenants_command", required=True, metavar="ACTION")
+    create = tenant_commands.add_parser("create", help="create a tenant and print its API key")
+    create.add_argument("name")
+    create.add_argument("--rate", type=float, help="outbound requests per second")
+    create.add_argument("--burst", type=int, help="requests allowed at once above the rate")
+    create.add_argument("--max-inflight", type=int, help="jobs queued or running at once")
+
+    api = commands.add_parser("api", help="serve the API")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+
+    worker = commands.add_parser("worker", help="run a Celery worker (celery -A worker worker)")
+    worker.add_argument("-c", "--concurrency", type=int)
+    worker.add_argument("--pool", default="prefork")
+    worker.add_argument("--loglevel", default="INFO")
+
+    flower = commands.add_parser("flower", help="run Flower against the broker")
+    flower.add_argument("--address", default="127.0.0.1")
+    flower.add_argument("--port", type=int, default=5555)
+
+    upstream = commands.add_parser("upstream", help="serve the demo web service")
+    upstream.add_argument("--host", default="127.0.0.1")
+    upstream.add_argument("--port", type=int, default=8089)
+    return parser
+
+
+def _celery(arguments: list[str]) -> int:
+    """Run the ``celery`` command on the hub's app, in this process."""
+    from celery.bin.celery import main as celery_main
+
+    sys.argv = ["celery", "-A", "worker", *arguments]
+    try:
+        celery_main()
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command named by ``argv`` (default: the process's arguments)."""
+    args = _parser().parse_args(argv)
+    settings = get_settings()
+    try:
+        if args.command == "dev":
+            from api_shim import devstack
+
+            return devstack.run(
+                settings, host=args.host, port=args.port,
+                flower_port=args.flower_port, upstream_port=args.upstream_port,
+            )
+        if args.command == "migrate":
+            from models.migrate import upgrade
+
+            upgrade()
+            print("Database is up to date.")
+            return 0
+        if args.command == "tenants":
+            from models.db import session_scope
+            from models.tenants import create_tenant, issue_key
+
+            with session_scope() as session:
+                tenant = create_tenant(
+                    session, name=args.name, rate_per_s=args.rate,
+                    burst=args.burst, max_inflight=args.max_inflight,
+                )
+                key = issue_key(session, tenant_id=tenant.id)
+            print(f"Created tenant {tenant.name} ({tenant.id}). Its API key, shown only now:")
+            print(key)
+            return 0
+        if args.command == "api":
+            import uvicorn
+
+            uvicorn.run("api_shim.app:create_app", factory=True, host=args.host, port=args.port,
+                        log_level=settings.log_level.lower())
+            return 0
+        if args.command == "worker":
+            extra = ["-c", str(args.concurrency)] if args.concurrency else []
+            return _celery(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}", *extra])
+        if args.command == "flower":
+            if settings.flower_basic_auth is not None:
+                os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+            return _celery(["flower", f"--address={args.address}", f"--port={args.port}"])
+        if args.command == "upstream":
+            from api_shim.demo_upstream import serve
+
+            print(f"Demo upstream on http://{args.host}:{args.port}", flush=True)
+            try:
+                serve(args.host, args.port)
+            except KeyboardInterrupt:
+                pass
+            return 0
+    except errors.HubError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

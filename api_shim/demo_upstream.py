@@ -1,0 +1,91 @@
+"""A small web service on loopback for the dev stack's walk-through and the tests.
+
+Endpoints (any method):
+
+- ``/echo/...``: answers JSON describing the request it got (method, path, query, headers, body).
+- ``/bytes/N``: answers N bytes (at most 10 MB) of text, with a Content-Length.
+- ``/status/CODE``: answers that status with a small JSON body.
+- ``/stats``: how many requests each path got, for tests that count calls.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+MAX_BYTES = 10 * 1024 * 1024
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves the endpoints above."""
+
+    server_version = "hub-demo-upstream/1"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        """Quiet: the dev stack keeps its own logs."""
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Demo-Upstream", "yes")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _handle(self) -> None:
+        parts = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        stats: Counter[str] = self.server.stats  # type: ignore[attr-defined]
+        if parts.path != "/stats":
+            with self.server.lock:  # type: ignore[attr-defined]
+                stats[parts.path] += 1
+        segments = [s for s in parts.path.split("/") if s]
+        head = segments[0] if segments else ""
+        if head == "echo":
+            document = {
+                "method": self.command,
+                "path": parts.path,
+                "query": dict(parse_qsl(parts.query)),
+                "headers": {k.lower(): v for k, v in self.headers.items()},
+                "body": body.decode("utf-8", "replace"),
+            }
+            self._send(200, json.dumps(document).encode())
+        elif head == "bytes" and len(segments) == 2 and segments[1].isdigit():
+            size = min(int(segments[1]), MAX_BYTES)
+            pattern = b"0123456789abcdef"
+            self._send(200, (pattern * (size // len(pattern) + 1))[:size], "text/plain")
+        elif head == "status" and len(segments) == 2 and segments[1].isdigit():
+            code = int(segments[1])
+            self._send(code, json.dumps({"status": code}).encode())
+        elif head == "stats":
+            with self.server.lock:  # type: ignore[attr-defined]
+                self._send(200, json.dumps(dict(stats)).encode())
+        else:
+            self._send(404, json.dumps({"error": "unknown path", "path": parts.path}).encode())
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_TRACE = _handle
+
+
+def make_server(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
+    """A demo upstream bound to ``host:port`` (0: any free port), not yet serving."""
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.stats = Counter()  # type: ignore[attr-defined]
+    server.lock = threading.Lock()  # type: ignore[attr-defined]
+    return server
+
+
+def serve(host: str, port: int) -> None:
+    """Serve until interrupted."""
+    server = make_server(host, port)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()

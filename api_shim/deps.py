@@ -1,0 +1,102 @@
+"""The dependencies routes declare: a database session, the calling tenant, pagination."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel import Session, select
+
+from models import errors
+from models.settings import Settings
+from models.tables import Tenant
+from models.tenants import tenant_for_key
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """A session on the app's engine, committed by the route when it changes something."""
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        yield session
+
+
+def get_settings(request: Request) -> Settings:
+    """The app's settings."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+_bearer = HTTPBearer(auto_error=False, description="A tenant API key.")
+
+
+def current_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    """The tenant whose API key the request carries; 401 without a valid one."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise errors.Unauthorized()
+    tenant = tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        raise errors.Unauthorized()
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+
+
+@dataclass
+class Page:
+    """``?limit=`` (1 to 200, default 50) and ``?cursor=`` of a list call."""
+
+    limit: int
+    after: str | None
+
+    def apply(self, statement: Any, model: Any) -> Any:
+        """``statement`` restricted to this page (one extra row tells whether more follow)."""
+        if self.after:
+            statement = statement.where(model.id > self.after)
+        return statement.order_by(model.id).limit(self.limit + 1)
+
+    def answer(self, rows: list[Any], public: Any) -> dict[str, Any]:
+        """The list answer: ``items`` and the cursor of the next page, or null."""
+        more = len(rows) > self.limit
+        rows = rows[: self.limit]
+        cursor = base64.urlsafe_b64encode(rows[-1].id.encode()).decode() if more else None
+        return {"items": [public(row) for row in rows], "next_cursor": cursor}
+
+
+def page(
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> Page:
+    """The page a list call asks for."""
+    after = None
+    if cursor:
+        try:
+            after = base64.urlsafe_b64decode(cursor.encode()).decode()
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise errors.InvalidInput(
+                "cursor is not valid", errors=[{"loc": ["query", "cursor"], "msg": "not a cursor"}]
+            ) from exc
+    return Page(limit=limit, after=after)
+
+
+PageDep = Annotated[Page, Depends(page)]
+
+
+def by_id_or_name(session: Session, model: Any, ref: str, **scope: str) -> Any:
+    """The row of ``model`` within ``scope`` whose id, else whose name, is ``ref``; else 404."""
+    statement = select(model).where(*(getattr(model, k) == v for k, v in scope.items()))
+    row = session.exec(statement.where(model.id == ref)).first()
+    if row is None and hasattr(model, "name"):
+        row = session.exec(statement.where(model.name == ref)).first()
+    if row is None:
+        raise errors.NotFound(f"no {model.__name__.lower()} {ref!r}")
+    return row

@@ -1,0 +1,65 @@
+"""Errors as RFC 9457 problem documents, in one place.
+
+Any :class:`~models.errors.HubError` becomes a problem with its stable ``code``; FastAPI's
+validation errors and Starlette's routing errors get codes too; anything else is a 500
+without a stack trace or a message from inside.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from models.errors import HubError
+
+log = logging.getLogger("hub.api")
+
+PROBLEM_TYPE = "urn:integration-hub:problem:"
+STARLETTE_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+
+
+def problem(
+    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """A problem document response."""
+    content = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code}
+    content.update(extra)
+    return JSONResponse(content, status_code=status, media_type="application/problem+json", headers=headers)
+
+
+async def _hub_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HubError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    extra = {k: v for k, v in exc.extra.items() if k == "errors"}
+    return problem(exc.status, exc.code, exc.title, exc.message, headers, **extra)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    found = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in found)
+    return problem(422, "validation_error", "The request is not valid.", detail, errors=found)
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = STARLETTE_CODES.get(exc.status_code, "http_error")
+    return problem(exc.status_code, code, str(exc.detail), str(exc.detail), exc.headers)
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
+    return problem(500, "internal_error", "Something went wrong inside the hub.", "See the hub's logs.")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+    app.add_exception_handler(HubError, _hub_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,106 @@
+"""``/v1/executions``: submit a job, poll it, list them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from sqlmodel import Session, select
+
+from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
+from models import errors, jobs, rules
+from models.jobs import JobStatus
+from models.schemas import ExecutionCreate, job_public
+from models.tables import Connection, Job
+from models.tables import Request as StoredRequest
+
+router = APIRouter(prefix="/v1/executions", tags=["executions"])
+
+
+@router.post("", status_code=202)
+def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+    """Queue a job that runs a stored request of a connection."""
+    shapes = [name for name in ("request", "action", "adhoc") if getattr(body, name) is not None]
+    if len(shapes) != 1:
+        raise errors.InvalidInput(
+            "give exactly one of request, action, adhoc",
+            errors=[{"loc": ["body"], "msg": "give exactly one of request, action, adhoc"}],
+        )
+    if shapes[0] != "request":
+        raise errors.NotImplementedYet(f"executions with {shapes[0]!r} are not supported yet")
+    connection = by_id_or_name(session, Connection, body.connection, tenant_id=tenant.id)
+    assert body.request is not None
+    stored = by_id_or_name(session, StoredRequest, body.request, connection_id=connection.id)
+    placeholders = rules.caller_placeholders(stored.url, stored.headers, stored.query, stored.body)
+    missing = rules.missing_values(placeholders, body.path_params, body.variables)
+    if missing:
+        raise errors.MissingVariable(
+            f"no value for {', '.join(missing)}",
+            errors=[{"loc": ["body", *m.replace("path:", "path_params:").split(":")], "msg": "missing"} for m in missing],
+        )
+    job = Job(
+        tenant_id=tenant.id,
+        connection_id=connection.id,
+        request_id=stored.id,
+        action="request",
+        status=JobStatus.QUEUED.value,
+        params={"path_params": body.path_params, "variables": body.variables},
+        secrets_used=[],
+    )
+    session.add(job)
+    session.commit()
+    try:
+        request.app.state.enqueue(job.id)
+    except errors.BrokerUnavailable:
+        jobs.finish(
+            session, job.id, status=JobStatus.FAILED,
+            error={"code": "broker_unavailable", "message": "the job could not be queued"},
+        )
+        raise
+    return job_public(job)
+
+
+def _load(session: Session, tenant_id: str, job_id: str) -> Job:
+    session.expire_all()
+    job = session.exec(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)).first()
+    if job is None:
+        raise errors.NotFound(f"no job {job_id!r}")
+    return job
+
+
+@router.get("/{job_id}")
+async def get_job(
+    job_id: str,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    wait: Annotated[float, Query(ge=0, le=30, description="Seconds to hold the answer until the job is final.")] = 0,
+) -> dict[str, Any]:
+    """One job; with ``?wait=N`` the answer waits up to N seconds for the job to finish."""
+    deadline = time.monotonic() + wait
+    job = await run_in_threadpool(_load, session, tenant.id, job_id)
+    while JobStatus(job.status) not in jobs.FINAL_STATES and time.monotonic() < deadline:
+        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        job = await run_in_threadpool(_load, session, tenant.id, job_id)
+    return job_public(job)
+
+
+@router.get("")
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    page: PageDep,
+    status: Annotated[JobStatus | None, Query()] = None,
+    connection: Annotated[str | None, Query(max_length=200)] = None,
+) -> dict[str, Any]:
+    """The tenant's jobs, oldest first, optionally of one status or one connection."""
+    statement = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        statement = statement.where(Job.status == status.value)
+    if connection is not None:
+        statement = statement.where(
+            Job.connection_id == by_id_or_name(session, Connection, connection, tenant_id=tenant.id).id
+        )
+    return page.answer(list(session.exec(page.apply(statement, Job))), job_public)

@@ -1,0 +1,223 @@
+"""The rules of the data, as plain functions over plain values.
+
+Each rule raises the :mod:`models.errors` class that names the broken rule; the API turns it
+into a problem document. ``loc`` in an error points at the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from models import errors
+
+VERBS = ("GET", "PUT", "POST", "DELETE", "TRACE", "PATCH", "HEAD", "OPTIONS")
+INTEGRATION_METHODS = ("rest",)
+AUTH_TYPES = ("none", "oauth2")
+REQUEST_KINDS = ("manual", "studio")
+JSON_MEDIA_TYPES = ("application/json", "application/json-patch+json")
+FORM_MEDIA_TYPE = "application/x-www-form-urlencoded"
+TEXT_MEDIA_TYPES = ("text/html", "text/plain", "text/xml")
+MEDIA_TYPES = (*JSON_MEDIA_TYPES, FORM_MEDIA_TYPE, *TEXT_MEDIA_TYPES)
+
+MAX_CONNECTIONS_PER_TENANT = 50
+MAX_REQUESTS_PER_CONNECTION = 50
+
+PATH_PARAM = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
+VARIABLE = re.compile(r"\{\{\s*vars\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+SECRET = re.compile(r"\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
+
+
+def _invalid(cls: type[errors.InvalidInput], loc: list[str | int], msg: str) -> errors.InvalidInput:
+    return cls(msg, errors=[{"loc": ["body", *loc], "msg": msg}])
+
+
+def normalize_verbs(verbs: list[str], *, loc: list[str | int]) -> list[str]:
+    """``verbs`` upper-cased and deduplicated in their given order; each must be a known verb."""
+    if not verbs:
+        raise _invalid(errors.InvalidVerb, loc, "at least one verb is required")
+    seen: list[str] = []
+    for index, verb in enumerate(verbs):
+        upper = str(verb).strip().upper()
+        if upper not in VERBS:
+            raise _invalid(
+                errors.InvalidVerb, [*loc, index], f"{verb!r} is not one of {' '.join(VERBS)}"
+            )
+        if upper not in seen:
+            seen.append(upper)
+    return seen
+
+
+def check_template(integration_method: str, auth_type: str, auth_headers: list[dict[str, Any]]) -> None:
+    """A template's integration method, authentication type and auth header names are valid."""
+    if integration_method not in INTEGRATION_METHODS:
+        raise _invalid(
+            errors.UnsupportedIntegrationMethod,
+            ["integration_method"],
+            f"integration_method must be 'rest', not {integration_method!r}",
+        )
+    if auth_type not in AUTH_TYPES:
+        raise _invalid(errors.InvalidInput, ["auth_type"], "auth_type must be 'none' or 'oauth2'")
+    names = [header["name"].lower() for header in auth_headers]
+    if len(set(names)) != len(names):
+        raise _invalid(errors.InvalidInput, ["auth_headers"], "auth header names must be unique")
+
+
+def auth_header_values(
+    auth_headers: list[dict[str, Any]], given: dict[str, str]
+) -> dict[str, str]:
+    """The values a connection sends for its template's auth headers: given, else the default.
+
+    Every ``required`` header must be given; a header the template does not name is refused.
+    """
+    known = {header["name"].lower(): header for header in auth_headers}
+    for name in given:
+        if name.lower() not in known:
+            raise _invalid(
+                errors.InvalidInput,
+                ["auth_header_values", name],
+                f"the template has no auth header {name!r}",
+            )
+    given_lower = {name.lower(): value for name, value in given.items()}
+    values: dict[str, str] = {}
+    for header in auth_headers:
+        value = given_lower.get(header["name"].lower())
+        if value is None and header.get("required"):
+            raise _invalid(
+                errors.MissingAuthHeader,
+                ["auth_header_values", header["name"]],
+                f"the template requires a value for {header['name']!r}",
+            )
+        if value is None:
+            value = header.get("default")
+        if value is not None:
+            values[header["name"]] = value
+    return values
+
+
+def check_oauth2(auth_type: str, oauth2: dict[str, Any] | None) -> None:
+    """``oauth2`` is given exactly when the template's authentication is OAuth 2.0."""
+    if auth_type == "oauth2" and not oauth2:
+        raise _invalid(errors.InvalidOAuth2, ["oauth2"], "the template uses OAuth 2.0: oauth2 is required")
+    if auth_type != "oauth2" and oauth2:
+        raise _invalid(errors.InvalidOAuth2, ["oauth2"], "the template uses no authentication: oauth2 is refused")
+
+
+def check_url_scheme(url: str, *, allow_http: bool, loc: list[str | int]) -> str:
+    """The host of the absolute ``url``, after checking its scheme (https; http if allowed)."""
+    parts = urlsplit(url)
+    allowed = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in allowed:
+        raise _invalid(
+            errors.SchemeNotAllowed, loc, f"scheme must be {' or '.join(allowed)}: {url!r}"
+        )
+    if not parts.hostname:
+        raise _invalid(errors.InvalidUrl, loc, f"{url!r} has no host")
+    return parts.hostname.lower()
+
+
+def default_allowed_hosts(base_url: str | None, oauth2: dict[str, Any] | None) -> list[str]:
+    """The hosts of ``base_url`` and of the OAuth token URL, the default ``allowed_hosts``."""
+    hosts: list[str] = []
+    for url in (base_url, (oauth2 or {}).get("token_url")):
+        host = urlsplit(url).hostname if url else None
+        if host and host.lower() not in hosts:
+            hosts.append(host.lower())
+    return hosts
+
+
+def resolve_url(base_url: str | None, url: str) -> str:
+    """``url`` if absolute, else ``url`` appended to the connection's ``base_url``."""
+    if urlsplit(url).scheme:
+        return url
+    if not base_url:
+        raise _invalid(errors.InvalidUrl, ["url"], "a relative url needs the connection's base_url")
+    return base_url.rstrip("/") + "/" + url.lstrip("/")
+
+
+def check_request(
+    *,
+    kind: str,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    query: dict[str, str],
+    body: Any,
+    media_type: str,
+    verbs: list[str],
+    base_url: str | None,
+    allowed_hosts: list[str],
+    allow_http: bool,
+) -> str:
+    """Check a stored request against its connection; return the method upper-cased."""
+    if kind not in REQUEST_KINDS:
+        raise _invalid(errors.InvalidInput, ["kind"], "kind must be 'manual' or 'studio'")
+    upper = method.upper()
+    if upper not in verbs:
+        raise _invalid(
+            errors.VerbNotAllowed, ["method"], f"{method} is not among the template's verbs {verbs}"
+        )
+    check_media_type(media_type, body)
+    if kind == "manual":
+        found = caller_placeholders(url, headers, query, body)
+        if found:
+            raise _invalid(
+                errors.ManualRequestHasPlaceholders,
+                ["kind"],
+                f"a manual request cannot use caller placeholders {sorted(found)}",
+            )
+    absolute = resolve_url(base_url, url)
+    host = check_url_scheme(absolute, allow_http=allow_http, loc=["url"])
+    if not PATH_PARAM.search(urlsplit(absolute).netloc) and host not in allowed_hosts:
+        raise _invalid(errors.HostNotAllowed, ["url"], f"{host!r} is not among the allowed hosts")
+    return upper
+
+
+def check_media_type(media_type: str, body: Any) -> None:
+    """``media_type`` is one of the six, and ``body`` has the shape it allows."""
+    if media_type not in MEDIA_TYPES:
+        raise _invalid(
+            errors.UnsupportedMediaType, ["media_type"], f"media_type must be one of {list(MEDIA_TYPES)}"
+        )
+    if body is None or media_type in JSON_MEDIA_TYPES:
+        return
+    if media_type == FORM_MEDIA_TYPE:
+        if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
+            raise _invalid(errors.InvalidBody, ["body"], "a form body is an object of strings")
+    elif not isinstance(body, str):
+        raise _invalid(errors.InvalidBody, ["body"], f"a {media_type} body is a string")
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+def caller_placeholders(url: str, headers: Any, query: Any, body: Any) -> set[str]:
+    """The placeholders a caller fills in: ``{name}`` path parameters in the URL, ``{{vars.X}}``.
+
+    Returned as ``path:NAME`` and ``vars:NAME``.
+    """
+    found = {f"path:{name}" for name in PATH_PARAM.findall(url)}
+    for text in [url, *_strings(headers), *_strings(query), *_strings(body)]:
+        found.update(f"vars:{name}" for name in VARIABLE.findall(text))
+    return found
+
+
+def missing_values(
+    placeholders: set[str], path_params: dict[str, Any], variables: dict[str, Any]
+) -> list[str]:
+    """The placeholders that neither ``path_params`` nor ``variables`` give a value for."""
+    missing = []
+    for item in sorted(placeholders):
+        kind, name = item.split(":", 1)
+        source = path_params if kind == "path" else variables
+        if name not in source:
+            missing.append(item)
+    return missing

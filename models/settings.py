@@ -1,0 +1,82 @@
+"""The one settings object, read from ``HUB_*`` environment variables and an optional ``.env``.
+
+Nothing else in the hub reads the environment: processes call :func:`get_settings`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    """Configuration of every hub process. Secret values are ``SecretStr`` and hidden in ``repr``."""
+
+    model_config = SettingsConfigDict(env_prefix="HUB_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".hub"), description="Where the dev stack keeps its files.")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default a SQLite file in data_dir."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for broker, token cache and rate limits."
+    )
+    broker_url: str | None = Field(default=None, description="Overrides the broker alone.")
+    master_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated base64 AES-256 keys; the first encrypts."
+    )
+
+    allow_private_destinations: bool = False
+    allow_http: bool = False
+
+    response_cap_bytes: int = 32_768
+    retention_days: int = 7
+    default_rate_per_s: float = 10.0
+    default_burst: int = 20
+    default_max_inflight: int = 100
+
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    write_timeout_s: float = 30.0
+    pool_timeout_s: float = 5.0
+
+    broker_visibility_timeout_s: int = 3600
+    queue_name: str = "hub.jobs"
+
+    max_wait_s: float = 30.0
+    """Longest ``?wait=`` a poll may hold (API.md: at most 30 seconds)."""
+
+    log_level: str = "INFO"
+    flower_basic_auth: SecretStr | None = Field(
+        default=None, description="user:password that Flower asks for; comma-separate several."
+    )
+
+    def effective_database_url(self) -> str:
+        """The database to use: ``database_url``, else a SQLite file in the data directory.
+
+        A bare ``postgresql://`` URL is given the psycopg 3 driver that the hub ships with.
+        """
+        url = self.database_url or f"sqlite:///{(self.data_dir / 'hub.db').resolve()}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    def effective_redis_url(self) -> str:
+        """Redis for token cache and rate limits: ``redis_url`` or a local default."""
+        return self.redis_url or DEFAULT_REDIS_URL
+
+    def effective_broker_url(self) -> str:
+        """The Celery broker: ``broker_url``, else the Redis URL."""
+        return self.broker_url or self.effective_redis_url()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once."""
+    return Settings()

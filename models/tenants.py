@@ -1,0 +1,57 @@
+"""Tenants and their API keys. A key is shown once, at creation; the database keeps its SHA-256.
+
+Keys are 32 random bytes, so a fast hash is enough: there is nothing to brute-force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import sqlalchemy as sa
+from sqlmodel import Session, select
+
+from models import errors
+from models.tables import ApiKey, Tenant
+
+KEY_PREFIX = "hub_"
+
+
+def hash_key(key: str) -> str:
+    """The stored form of an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def create_tenant(
+    session: Session,
+    *,
+    name: str,
+    rate_per_s: float | None = None,
+    burst: int | None = None,
+    max_inflight: int | None = None,
+) -> Tenant:
+    """A new tenant named ``name`` (unique)."""
+    if session.exec(select(Tenant).where(Tenant.name == name)).first():
+        raise errors.NameTaken(f"a tenant named {name!r} exists")
+    tenant = Tenant(name=name, rate_per_s=rate_per_s, burst=burst, max_inflight=max_inflight)
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
+def issue_key(session: Session, *, tenant_id: str) -> str:
+    """A new API key for the tenant; the only time its plaintext exists."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiKey(tenant_id=tenant_id, prefix=key[:12], key_hash=hash_key(key)))
+    session.flush()
+    return key
+
+
+def tenant_for_key(session: Session, key: str) -> Tenant | None:
+    """The tenant whose unrevoked key ``key`` is, or None."""
+    statement = (
+        select(Tenant)
+        .join(ApiKey, sa.and_(ApiKey.tenant_id == Tenant.id))  # type: ignore[arg-type]
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))  # type: ignore[union-attr]
+    )
+    return session.exec(statement).first()

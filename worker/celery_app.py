@@ -1,0 +1,42 @@
+"""The Celery application: Redis broker, late acks, one message at a time per process.
+
+Delivery is at least once: a message is acknowledged after its task ran, so a worker that
+dies mid-job leaves the message to be delivered again; the task's atomic claim of the job
+row makes the second delivery harmless. No result backend: results live in the job row.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from models.settings import Settings, get_settings
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``."""
+    app = Celery("integration_hub", broker=settings.effective_broker_url(), include=["worker.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=settings.queue_name,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=4,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        # The API must answer quickly when the broker is down (503 broker_unavailable).
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+    )
+    return app
+
+
+app = create_app(get_settings())

@@ -1,0 +1,37 @@
+"""The Celery tasks: thin glue between a message (a job id, nothing else) and the executor."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from models.db import get_engine
+from models.settings import get_settings
+from worker import upstream
+from worker.celery_app import app
+from worker.executor import Runtime, run_job
+from worker.keys import EXECUTE_TASK
+
+# httpx logs every request's URL at INFO, and a URL may carry a secret or a token.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+_runtimes: dict[int, Runtime] = {}
+
+
+def runtime() -> Runtime:
+    """This process's runtime, built on first use (after a prefork child is forked)."""
+    current = _runtimes.get(os.getpid())
+    if current is None:
+        settings = get_settings()
+        current = _runtimes[os.getpid()] = Runtime(
+            settings=settings,
+            engine=get_engine(settings.effective_database_url()),
+            client=upstream.build_client(settings),
+        )
+    return current
+
+
+@app.task(name=EXECUTE_TASK, acks_late=True, ignore_result=True)
+def execute(job_id: str) -> None:
+    """Run the job ``job_id``. The message carries the id only: the worker loads the rest."""
+    run_job(job_id, runtime())
