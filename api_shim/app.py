@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI
 from sqlalchemy.engine import Engine
@@ -33,3 +34,9 @@ def create_app(
     for module in (health, templates, connections, executions):
         app.include_router(module.router)
     return app
+
+
+def openapi_document() -> dict[str, Any]:
+    """The API's OpenAPI document, as committed in ``docs/openapi.json``."""
+    settings = Settings(_env_file=None, database_url="sqlite://")  # type: ignore[call-arg]
+    return create_app(settings, enqueue=lambda _job_id: None).openapi()

@@ -9,6 +9,7 @@
     integration-hub worker [-c N] [--pool P]
     integration-hub flower [--address A] [--port P]
     integration-hub upstream [--host H] [--port P]
+    integration-hub openapi
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     flower = commands.add_parser("flower", help="run Flower against the broker")
     flower.add_argument("--address", default="127.0.0.1")
     flower.add_argument("--port", type=int, default=5555)
+
+    commands.add_parser("openapi", help="print the OpenAPI document (docs/openapi.json)")
 
     upstream = commands.add_parser("upstream", help="serve the demo web service")
     upstream.add_argument("--host", default="127.0.0.1")
@@ -116,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             if settings.flower_basic_auth is not None:
                 os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
             return _celery(["flower", f"--address={args.address}", f"--port={args.port}"])
+        if args.command == "openapi":
+            import json
+
+            from api_shim.app import openapi_document
+
+            print(json.dumps(openapi_document(), indent=2, sort_keys=True))
+            return 0
         if args.command == "upstream":
             from api_shim.demo_upstream import serve
 

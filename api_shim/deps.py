@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -80,10 +81,11 @@ def page(
     after = None
     if cursor:
         try:
-            after = base64.urlsafe_b64decode(cursor.encode()).decode()
-        except (binascii.Error, UnicodeDecodeError) as exc:
+            after = str(uuid.UUID(base64.urlsafe_b64decode(cursor.encode()).decode()))
+        except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
             raise errors.InvalidInput(
-                "cursor is not valid", errors=[{"loc": ["query", "cursor"], "msg": "not a cursor"}]
+                "cursor is not valid: pass next_cursor as it was given",
+                errors=[{"loc": ["query", "cursor"], "msg": "not a cursor of this list"}],
             ) from exc
     return Page(limit=limit, after=after)
 
@@ -93,6 +95,8 @@ PageDep = Annotated[Page, Depends(page)]
 
 def by_id_or_name(session: Session, model: Any, ref: str, **scope: str) -> Any:
     """The row of ``model`` within ``scope`` whose id, else whose name, is ``ref``; else 404."""
+    if "\x00" in ref:  # no id or name holds NUL (PostgreSQL cannot even compare one)
+        raise errors.NotFound(f"no {model.__name__.lower()} with that reference")
     statement = select(model).where(*(getattr(model, k) == v for k, v in scope.items()))
     row = session.exec(statement.where(model.id == ref)).first()
     if row is None and hasattr(model, "name"):

@@ -8,6 +8,7 @@ without a stack trace or a message from inside.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,15 +17,24 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import HubError
+from models.schemas import Problem
 
 log = logging.getLogger("hub.api")
 
 PROBLEM_TYPE = "urn:integration-hub:problem:"
 STARLETTE_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
 
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No valid API key (`unauthorized`)."},
+    404: {"model": Problem, "description": "No such resource in the caller's tenant (`not_found`)."},
+    409: {"model": Problem, "description": "A limit or a unique name (`connection_limit_reached`, `request_limit_reached`, `name_taken`)."},
+    422: {"model": Problem, "description": "Invalid input: `validation_error` with `errors[].loc`, or a rule's own code."},
+}
+"""The problem responses every ``/v1`` route may give, for the OpenAPI document."""
+
 
 def problem(
-    status: int, code: str, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+    status: int, code: str, title: str, detail: str, headers: Mapping[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
     """A problem document response."""
     content = {"type": PROBLEM_TYPE + code, "title": title, "status": status, "detail": detail, "code": code}

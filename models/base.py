@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
 
+_RANDOM_BITS = 74
+_last_id = 0
+_id_lock = threading.Lock()
+
 
 def new_id() -> str:
-    """A new opaque id: a version 7 UUID, so ids sort in creation order (pagination relies on it)."""
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | rand
-    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 4122 variant
+    """A new opaque id: a version 7 UUID whose order is creation order within this process.
+
+    48 bits of Unix milliseconds, then 74 random bits; an id made in the same millisecond as
+    the previous one is that one plus one (RFC 9562, monotonic random), so list pagination
+    by id follows creation order.
+    """
+    global _last_id
+    with _id_lock:
+        payload = (time.time_ns() // 1_000_000) << _RANDOM_BITS | int.from_bytes(os.urandom(10), "big") >> 6
+        payload = max(payload, _last_id + 1)
+        _last_id = payload
+    ms, rand = payload >> _RANDOM_BITS, payload & ((1 << _RANDOM_BITS) - 1)
+    value = ms << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0x2 << 62 | (rand & ((1 << 62) - 1))
     return str(uuid.UUID(int=value))
 
 

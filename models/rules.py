@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from models import errors
 
@@ -136,6 +136,29 @@ def resolve_url(base_url: str | None, url: str) -> str:
     return base_url.rstrip("/") + "/" + url.lstrip("/")
 
 
+def fill_url(url: str, path_params: dict[str, Any], variables: dict[str, Any]) -> str:
+    """``url`` with its path parameters and variables filled in, each value percent-encoded."""
+    url = PATH_PARAM.sub(lambda m: quote(str(path_params[m.group(1)]), safe=""), url)
+    return VARIABLE.sub(lambda m: quote(str(variables[m.group(1)]), safe=""), url)
+
+
+def check_target(
+    url: str,
+    *,
+    base_url: str | None,
+    allowed_hosts: list[str],
+    path_params: dict[str, Any],
+    variables: dict[str, Any],
+) -> str:
+    """The absolute URL a request goes to once its placeholders are filled; its host must be
+    among ``allowed_hosts`` (a placeholder in the host cannot point it elsewhere)."""
+    absolute = resolve_url(base_url, fill_url(url, path_params, variables))
+    host = (urlsplit(absolute).hostname or "").lower()
+    if host not in allowed_hosts:
+        raise _invalid(errors.HostNotAllowed, ["url"], f"{host!r} is not among the allowed hosts")
+    return absolute
+
+
 def check_request(
     *,
     kind: str,
@@ -190,10 +213,11 @@ def check_media_type(media_type: str, body: Any) -> None:
 
 
 def _strings(value: Any) -> list[str]:
+    """The strings among ``value``'s values (not its keys: placeholders fill values only)."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict):
-        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+        return [s for v in value.values() for s in _strings(v)]
     if isinstance(value, list):
         return [s for item in value for s in _strings(item)]
     return []

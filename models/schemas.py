@@ -6,9 +6,9 @@ Outputs never carry a secret value.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.base import rfc3339
 from models.tables import Connection, Job, Request, Template
@@ -17,10 +17,28 @@ HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 NAME = Field(min_length=1, max_length=200)
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 class Input(BaseModel):
-    """Base of every request body: unknown fields are refused."""
+    """Base of every request body: unknown fields are refused, and so is a NUL character
+    anywhere in it (no database column can hold one)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        if _has_nul(data):
+            raise ValueError("text may not contain the NUL character")
+        return data
 
 
 class AuthHeader(Input):
@@ -106,6 +124,121 @@ class ExecutionCreate(Input):
     callback_url: str | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=300)
     max_attempts: int | None = Field(default=None, ge=1, le=10)
+
+
+Item = TypeVar("Item")
+
+
+class Page(BaseModel, Generic[Item]):
+    """One page of a list: its items and the cursor of the next page (null on the last)."""
+
+    items: list[Item]
+    next_cursor: str | None
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document; ``code`` is stable, clients branch on it."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class TemplatePublic(BaseModel):
+    """A template of the connection library."""
+
+    id: str
+    name: str
+    service_name: str
+    integration_method: str
+    auth_type: str
+    auth_headers: list[AuthHeader]
+    verbs: list[str]
+    created_at: str
+
+
+class TemplateRules(BaseModel):
+    """The rules a connection copied from its template."""
+
+    service_name: str
+    integration_method: str
+    auth_type: str
+    auth_headers: list[AuthHeader]
+    verbs: list[str]
+
+
+class ConnectionPublic(BaseModel):
+    """A connection; secret references are shown, secret values never."""
+
+    id: str
+    name: str
+    template_id: str | None
+    description: str | None
+    base_url: str | None
+    allowed_hosts: list[str]
+    auth_header_values: dict[str, str]
+    oauth2: OAuth2Settings | None
+    client_certificate: ClientCertificate | None
+    template: TemplateRules
+    created_at: str
+    updated_at: str
+
+
+class RequestPublic(BaseModel):
+    """A stored request of a connection."""
+
+    id: str
+    connection_id: str
+    name: str
+    kind: str
+    method: str
+    url: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    media_type: str
+    created_at: str
+    updated_at: str
+
+
+class JobResult(BaseModel):
+    """What the web service answered, the body cut at 32,768 bytes."""
+
+    status_code: int
+    headers: dict[str, str]
+    body: str
+    body_encoding: Literal["utf-8", "base64"]
+    size: int
+    truncated: bool
+    content_length: int | None
+    elapsed_ms: float
+
+
+class JobErrorPublic(BaseModel):
+    """Why a job failed: a stable code and a message without secrets."""
+
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    """An execution."""
+
+    id: str
+    status: Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled"]
+    connection_id: str
+    request_id: str | None
+    action: str
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    result: JobResult | None
+    secrets_used: list[str]
+    error: JobErrorPublic | None
 
 
 def template_public(row: Template) -> dict[str, Any]:

@@ -14,17 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import Session, SQLModel
 
 import models.tables  # noqa: F401
+from api_shim import embedded_redis
 from api_shim.app import create_app
 from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings
 from models.tenants import create_tenant, issue_key
+from tests import processes
 
 TEST_DATABASE_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("HUB_TEST_REDIS_URL")
@@ -82,6 +85,30 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine = make_engine(database_url)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis server: the configured one, flushed, or one started for this session."""
+    if TEST_REDIS_URL:
+        client = redis.Redis.from_url(TEST_REDIS_URL)
+        client.flushdb()
+        client.close()
+        yield TEST_REDIS_URL
+        return
+    directory = tmp_path_factory.mktemp("redis")
+    binary, _origin = embedded_redis.find_redis_server()
+    port = processes.free_port()
+    log = directory / "redis.log"
+    server = processes.start(embedded_redis.server_command(binary, port, directory), dict(os.environ), log)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        processes.wait_until(lambda: bool(client.ping()), "redis", process=server, log=log)
+        client.close()
+        yield url
+    finally:
+        processes.stop(server)
 
 
 def new_tenant(engine: Engine, name: str) -> tuple[str, str]:

@@ -66,7 +66,12 @@ def _error(exc: errors.HubError) -> dict[str, Any]:
 def _execute(session: Session, job: Job, runtime: Runtime) -> dict[str, Any]:
     connection = session.get(Connection, job.connection_id)
     request = session.get(Request, job.request_id) if job.request_id else None
-    if connection is None or request is None or connection.tenant_id != job.tenant_id:
+    if (
+        connection is None
+        or request is None
+        or connection.tenant_id != job.tenant_id
+        or request.connection_id != connection.id
+    ):
         raise errors.ReferenceGone()
     if connection.template.get("auth_type") == "oauth2":
         raise errors.NotImplementedYet("OAuth 2.0 authentication is not supported yet.")

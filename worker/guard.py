@@ -19,15 +19,19 @@ Resolver = Callable[[str, int], Iterable[str]]
 def is_allowed_address(address: str, *, allow_private: bool) -> bool:
     """Whether the hub may connect to ``address`` (an IPv4 or IPv6 literal).
 
-    Refused unless ``allow_private``: loopback, private, link-local (cloud metadata),
-    multicast, reserved, unspecified and shared ranges, and IPv4-mapped forms of them.
+    Unless ``allow_private``, only global unicast addresses are allowed: loopback, private,
+    link-local (cloud metadata), multicast, reserved, unspecified and shared ranges are
+    refused, and so are IPv6 forms that carry such an IPv4 address (mapped, 6to4).
     """
     if allow_private:
         return True
     ip: Any = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return bool(ip.is_global) and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d on the wire
+            return is_allowed_address(str(ip.ipv4_mapped), allow_private=False)
+        if ip.sixtofour is not None and not is_allowed_address(str(ip.sixtofour), allow_private=False):
+            return False
+    return bool(ip.is_global) and not (ip.is_multicast or ip.is_reserved)
 
 
 def system_resolver(host: str, port: int) -> list[str]:

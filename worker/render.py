@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from models import errors, rules
 
@@ -47,11 +47,6 @@ def _json_value(value: Any, variables: dict[str, Any]) -> Any:
     if isinstance(value, dict):
         return {key: _json_value(item, variables) for key, item in value.items()}
     return value
-
-
-def _url(url: str, path_params: dict[str, Any], variables: dict[str, Any]) -> str:
-    url = rules.PATH_PARAM.sub(lambda m: quote(str(path_params[m.group(1)]), safe=""), url)
-    return rules.VARIABLE.sub(lambda m: quote(str(variables[m.group(1)]), safe=""), url)
 
 
 def encode_body(body: Any, media_type: str) -> bytes:
@@ -98,7 +93,7 @@ def render(
         rendered_headers["Content-Type"] = media_type + charset
     outgoing = Outgoing(
         method=method,
-        url=rules.resolve_url(base_url, _url(url, path_params, variables)),
+        url=rules.resolve_url(base_url, rules.fill_url(url, path_params, variables)),
         headers=rendered_headers,
         query=rendered_query,
         content=content,

@@ -10,18 +10,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, by_id_or_name
+from api_shim.problems import RESPONSES
 from models import errors, rules
-from models.base import utcnow
 from models.schemas import (
     ConnectionCreate,
+    ConnectionPublic,
+    Page,
     RequestCreate,
+    RequestPublic,
     connection_public,
     request_public,
     template_rules,
 )
 from models.tables import Connection, Request, Template
 
-router = APIRouter(prefix="/v1/connections", tags=["connections"])
+router = APIRouter(prefix="/v1/connections", tags=["connections"], responses=RESPONSES)
 
 
 def _count(session: Session, model: Any, *where: Any) -> int:
@@ -36,7 +39,7 @@ def _commit_unique(session: Session, message: str) -> None:
         raise errors.NameTaken(message) from exc
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=ConnectionPublic)
 def create_connection(
     body: ConnectionCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> dict[str, Any]:
@@ -69,14 +72,14 @@ def create_connection(
     return connection_public(row)
 
 
-@router.get("")
+@router.get("", response_model=Page[ConnectionPublic])
 def list_connections(session: SessionDep, tenant: CurrentTenant, page: PageDep) -> dict[str, Any]:
     """The tenant's connections, oldest first."""
     statement = page.apply(select(Connection).where(Connection.tenant_id == tenant.id), Connection)
     return page.answer(list(session.exec(statement)), connection_public)
 
 
-@router.get("/{connection}")
+@router.get("/{connection}", response_model=ConnectionPublic)
 def get_connection(connection: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """One connection, by id or by name."""
     return connection_public(by_id_or_name(session, Connection, connection, tenant_id=tenant.id))
@@ -92,7 +95,7 @@ def delete_connection(connection: str, session: SessionDep, tenant: CurrentTenan
     return Response(status_code=204)
 
 
-@router.post("/{connection}/requests", status_code=201)
+@router.post("/{connection}/requests", status_code=201, response_model=RequestPublic)
 def create_request(
     connection: str, body: RequestCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> dict[str, Any]:
@@ -124,14 +127,13 @@ def create_request(
         query=body.query,
         body=body.body,
         media_type=body.media_type,
-        updated_at=utcnow(),
     )
     session.add(row)
     _commit_unique(session, f"the connection has a request named {body.name!r}")
     return request_public(row)
 
 
-@router.get("/{connection}/requests")
+@router.get("/{connection}/requests", response_model=Page[RequestPublic])
 def list_requests(
     connection: str, session: SessionDep, tenant: CurrentTenant, page: PageDep
 ) -> dict[str, Any]:
@@ -141,7 +143,7 @@ def list_requests(
     return page.answer(list(session.exec(statement)), request_public)
 
 
-@router.get("/{connection}/requests/{request}")
+@router.get("/{connection}/requests/{request}", response_model=RequestPublic)
 def get_request(connection: str, request: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """One stored request, by id or by name."""
     owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)

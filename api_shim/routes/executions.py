@@ -11,16 +11,17 @@ from fastapi.concurrency import run_in_threadpool
 from sqlmodel import Session, select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
+from api_shim.problems import RESPONSES
 from models import errors, jobs, rules
 from models.jobs import JobStatus
-from models.schemas import ExecutionCreate, job_public
+from models.schemas import ExecutionCreate, JobPublic, Page, job_public
 from models.tables import Connection, Job
 from models.tables import Request as StoredRequest
 
-router = APIRouter(prefix="/v1/executions", tags=["executions"])
+router = APIRouter(prefix="/v1/executions", tags=["executions"], responses=RESPONSES)
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, response_model=JobPublic)
 def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """Queue a job that runs a stored request of a connection."""
     shapes = [name for name in ("request", "action", "adhoc") if getattr(body, name) is not None]
@@ -37,10 +38,21 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
     placeholders = rules.caller_placeholders(stored.url, stored.headers, stored.query, stored.body)
     missing = rules.missing_values(placeholders, body.path_params, body.variables)
     if missing:
+        fields = {"path": "path_params", "vars": "variables"}
         raise errors.MissingVariable(
             f"no value for {', '.join(missing)}",
-            errors=[{"loc": ["body", *m.replace("path:", "path_params:").split(":")], "msg": "missing"} for m in missing],
+            errors=[
+                {"loc": ["body", fields[kind], name], "msg": "no value given"}
+                for kind, name in (item.split(":", 1) for item in missing)
+            ],
         )
+    rules.check_target(
+        stored.url,
+        base_url=connection.base_url,
+        allowed_hosts=connection.allowed_hosts,
+        path_params=body.path_params,
+        variables=body.variables,
+    )
     job = Job(
         tenant_id=tenant.id,
         connection_id=connection.id,
@@ -71,7 +83,7 @@ def _load(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}")
+@router.get("/{job_id}", response_model=JobPublic)
 async def get_job(
     job_id: str,
     session: SessionDep,
@@ -87,7 +99,7 @@ async def get_job(
     return job_public(job)
 
 
-@router.get("")
+@router.get("", response_model=Page[JobPublic])
 def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,

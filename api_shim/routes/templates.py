@@ -8,14 +8,15 @@ from fastapi import APIRouter, Response
 from sqlmodel import select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
+from api_shim.problems import RESPONSES
 from models import errors, rules
-from models.schemas import TemplateCreate, template_public
+from models.schemas import Page, TemplateCreate, TemplatePublic, template_public
 from models.tables import Template
 
-router = APIRouter(prefix="/v1/templates", tags=["templates"])
+router = APIRouter(prefix="/v1/templates", tags=["templates"], responses=RESPONSES)
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=TemplatePublic)
 def create_template(body: TemplateCreate, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """Add a template to the tenant's connection library."""
     headers = [header.model_dump() for header in body.auth_headers]
@@ -34,14 +35,14 @@ def create_template(body: TemplateCreate, session: SessionDep, tenant: CurrentTe
     return template_public(row)
 
 
-@router.get("")
+@router.get("", response_model=Page[TemplatePublic])
 def list_templates(session: SessionDep, tenant: CurrentTenant, page: PageDep) -> dict[str, Any]:
     """The tenant's templates, oldest first."""
     statement = page.apply(select(Template).where(Template.tenant_id == tenant.id), Template)
     return page.answer(list(session.exec(statement)), template_public)
 
 
-@router.get("/{template_id}")
+@router.get("/{template_id}", response_model=TemplatePublic)
 def get_template(template_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """One template."""
     return template_public(by_id_or_name(session, Template, template_id, tenant_id=tenant.id))
@@ -56,6 +57,6 @@ def delete_template(template_id: str, session: SessionDep, tenant: CurrentTenant
 
 
 @router.api_route("/{template_id}", methods=["PUT", "PATCH"], include_in_schema=False)
-def change_template(template_id: str) -> None:
+def change_template(template_id: str, tenant: CurrentTenant) -> None:
     """Templates cannot change: make a new one."""
     raise errors.TemplateImmutable()

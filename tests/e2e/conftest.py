@@ -2,7 +2,7 @@
 worker process and the demo upstream, each a separate process on loopback.
 
 Redis is ``HUB_TEST_REDIS_URL`` when set (CI), else a Redis server that the test starts from
-the binary the hub bundles. The database is ``HUB_TEST_DATABASE_URL`` (a fresh database) when
+the binary the hub bundles (``redis_url`` in ``tests/conftest.py``). The database is ``HUB_TEST_DATABASE_URL`` (a fresh database) when
 set, else a SQLite file.
 """
 
@@ -15,35 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
-from api_shim import embedded_redis
-from tests.conftest import TEST_REDIS_URL
-from tests.e2e import processes
+from tests import processes
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis server: the configured one, flushed, or one started for this session."""
-    if TEST_REDIS_URL:
-        client = redis.Redis.from_url(TEST_REDIS_URL)
-        client.flushdb()
-        client.close()
-        yield TEST_REDIS_URL
-        return
-    directory = tmp_path_factory.mktemp("redis")
-    binary, _origin = embedded_redis.find_redis_server()
-    port = processes.free_port()
-    log = directory / "redis.log"
-    server = processes.start(embedded_redis.server_command(binary, port, directory), dict(os.environ), log)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    processes.wait_until(lambda: bool(client.ping()), "redis", process=server, log=log)
-    client.close()
-    yield url
-    processes.stop(server)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e import processes
+from tests import processes
 from tests.e2e.walkthrough import run_walkthrough
 
 pytestmark = pytest.mark.e2e

@@ -12,8 +12,8 @@ import pytest
 from api_shim.queue import celery_enqueue
 from models.settings import Settings
 from tests.e2e.conftest import Stack
-from tests.e2e.processes import wait_until
 from tests.e2e.walkthrough import run_walkthrough
+from tests.processes import wait_until
 from worker.celery_app import create_app
 
 pytestmark = pytest.mark.e2e

@@ -66,7 +66,7 @@ def wait_until(ready: Callable[[], bool], what: str, timeout: float = 60.0,
         try:
             if ready():
                 return
-        except (httpx.HTTPError, OSError):
+        except Exception:  # not up yet: refused, reset, half-started
             pass
         time.sleep(0.2)
     tail = log.read_text(errors="replace")[-3000:] if log else ""

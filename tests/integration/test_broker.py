@@ -1,0 +1,101 @@
+"""The queue on a real Redis: what a task message carries, and what happens when the broker
+or Redis is down."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from celery import Celery
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from api_shim.app import create_app as create_api
+from api_shim.queue import celery_enqueue
+from models.errors import BrokerUnavailable
+from tests.conftest import new_tenant, test_settings
+from worker.celery_app import create_app
+
+pytestmark = pytest.mark.integration
+
+CLOSED = "redis://127.0.0.1:1/0"  # nothing listens on port 1 of loopback
+
+
+@pytest.fixture
+def celery_app(redis_url: str) -> Iterator[Celery]:
+    """A Celery app on the real Redis, with a queue of its own."""
+    app = create_app(test_settings("sqlite://", redis_url=redis_url, queue_name=f"hub.test.{uuid.uuid4().hex}"))
+    yield app
+    client = redis.Redis.from_url(redis_url)
+    client.delete(app.conf.task_default_queue)
+    client.close()
+    app.close()
+
+
+def test_a_task_message_carries_the_job_id_and_nothing_else(celery_app: Celery, redis_url: str) -> None:
+    # Given the API's way of queueing a job, when it queues one
+    celery_enqueue(celery_app)("0194-job-id")
+
+    # Then the one message on the queue names the execute task and its only argument is the id
+    client = redis.Redis.from_url(redis_url)
+    raw = client.lrange(celery_app.conf.task_default_queue, 0, -1)
+    client.close()
+    assert len(raw) == 1
+    message = json.loads(raw[0])
+    args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+    assert message["headers"]["task"] == "hub.execute"
+    assert args == ["0194-job-id"]
+    assert kwargs == {}
+
+
+def test_an_unreachable_broker_is_broker_unavailable() -> None:
+    # Given a Celery app whose broker does not answer
+    app = create_app(test_settings("sqlite://", redis_url=CLOSED))
+    # When a job is queued, then the API's error says the broker is unavailable
+    with pytest.raises(BrokerUnavailable):
+        celery_enqueue(app)("some-job")
+    app.close()
+
+
+def test_readyz_reports_redis_and_database(engine: Engine, database_url: str, redis_url: str) -> None:
+    # Given the API on the real database and Redis, then it is ready
+    up = create_api(test_settings(database_url, redis_url=redis_url), engine=engine)
+    with TestClient(up) as client:
+        ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
+
+    # Given Redis down, then it is not ready, and says what is missing
+    down = create_api(test_settings(database_url, redis_url=CLOSED), engine=engine)
+    with TestClient(down) as client:
+        not_ready = client.get("/readyz")
+    assert not_ready.status_code == 503
+    assert not_ready.headers["content-type"] == "application/problem+json"
+    body = not_ready.json()
+    assert body["code"] == "not_ready"
+    assert body["checks"]["database"] == "ok"
+    assert body["checks"]["redis"].startswith("unavailable")
+
+
+def test_a_job_that_cannot_be_queued_is_failed_not_lost(engine: Engine, database_url: str) -> None:
+    # Given the API with the real Celery sender and a broker that does not answer
+    app = create_api(test_settings(database_url, redis_url=CLOSED), engine=engine,
+                     enqueue=celery_enqueue(create_app(test_settings(database_url, redis_url=CLOSED))))
+    _tenant, key = new_tenant(engine, "queue-down")
+    auth = {"Authorization": f"Bearer {key}"}
+    with TestClient(app) as client:
+        template = client.post("/v1/templates", headers=auth, json={"name": "t", "service_name": "s", "verbs": ["GET"]})
+        client.post("/v1/connections", headers=auth,
+                    json={"name": "c", "template_id": template.json()["id"], "base_url": "http://127.0.0.1:9"})
+        client.post("/v1/connections/c/requests", headers=auth, json={"name": "r", "method": "GET", "url": "/x"})
+        # When a job is submitted
+        submitted = client.post("/v1/executions", headers=auth, json={"connection": "c", "request": "r"})
+        # Then the caller gets a 503 with a code, and the job is recorded as failed, not dropped
+        assert submitted.status_code == 503
+        assert submitted.json()["code"] == "broker_unavailable"
+        failed = client.get("/v1/executions?status=failed", headers=auth).json()["items"]
+    assert [job["error"]["code"] for job in failed] == ["broker_unavailable"]
