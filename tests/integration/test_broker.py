@@ -1,5 +1,5 @@
-"""The queue on a real Redis: what a task message carries, and what happens when the broker
-or Redis is down."""
+"""The queue: what a task message carries (on fakeredis and on a real Redis), and what happens
+when the broker or Redis is down."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator
+from unittest import mock
 
+import fakeredis
+import kombu.transport.redis as kombu_redis
 import pytest
 import redis
 from celery import Celery
@@ -20,30 +23,37 @@ from models.errors import BrokerUnavailable
 from tests.conftest import new_tenant, test_settings
 from worker.celery_app import create_app
 
-pytestmark = pytest.mark.integration
-
 CLOSED = "redis://127.0.0.1:1/0"  # nothing listens on port 1 of loopback
 
 
-@pytest.fixture
-def celery_app(redis_url: str) -> Iterator[Celery]:
-    """A Celery app on the real Redis, with a queue of its own."""
-    app = create_app(test_settings("sqlite://", redis_url=redis_url, queue_name=f"hub.test.{uuid.uuid4().hex}"))
-    yield app
-    client = redis.Redis.from_url(redis_url)
-    client.delete(app.conf.task_default_queue)
+@pytest.fixture(params=["fakeredis", pytest.param("redis", marks=pytest.mark.integration)])
+def broker(request: pytest.FixtureRequest) -> Iterator[tuple[Celery, redis.Redis]]:
+    """A Celery app with a queue of its own, and a client of its broker: fakeredis, then real Redis."""
+    queue = f"hub.test.{uuid.uuid4().hex}"
+    if request.param == "fakeredis":
+        with mock.patch.object(kombu_redis.Channel, "connection_class", fakeredis.FakeRedisConnection):
+            app = create_app(test_settings("sqlite://", redis_url="redis://fake-broker:6379/0", queue_name=queue))
+            # fakeredis answers kombu's periodic health-check PING differently from a server
+            app.conf.broker_transport_options = {**app.conf.broker_transport_options, "health_check_interval": 0}
+            client = fakeredis.FakeRedis(host="fake-broker", port=6379, db=0)
+            yield app, client
+    else:
+        url = request.getfixturevalue("redis_url")
+        app = create_app(test_settings("sqlite://", redis_url=url, queue_name=queue))
+        client = redis.Redis.from_url(url)
+        yield app, client
+    client.delete(queue)
     client.close()
     app.close()
 
 
-def test_a_task_message_carries_the_job_id_and_nothing_else(celery_app: Celery, redis_url: str) -> None:
+def test_a_task_message_carries_the_job_id_and_nothing_else(broker: tuple[Celery, redis.Redis]) -> None:
+    app, client = broker
     # Given the API's way of queueing a job, when it queues one
-    celery_enqueue(celery_app)("0194-job-id")
+    celery_enqueue(app)("0194-job-id")
 
     # Then the one message on the queue names the execute task and its only argument is the id
-    client = redis.Redis.from_url(redis_url)
-    raw = client.lrange(celery_app.conf.task_default_queue, 0, -1)
-    client.close()
+    raw = client.lrange(app.conf.task_default_queue, 0, -1)
     assert len(raw) == 1
     message = json.loads(raw[0])
     args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
