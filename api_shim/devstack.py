@@ -169,10 +169,12 @@ def run(settings: Settings, *, host: str, port: int, flower_port: int, upstream_
               "--port / --flower-port / --upstream-port.", file=sys.stderr)
         return 2
 
-    def on_sigterm(_signum: int, _frame: object) -> None:
+    def on_stop_signal(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # Explicitly, because a process started in the background may inherit SIGINT ignored.
+    signal.signal(signal.SIGTERM, on_stop_signal)
+    signal.signal(signal.SIGINT, on_stop_signal)
     database_url = settings.effective_database_url()
     env = {
         **os.environ,

@@ -21,6 +21,10 @@ from models.settings import Settings
 from worker.render import Outgoing
 
 
+USER_AGENT = "integration-hub/0.1"
+"""Sent unless the request sets its own User-Agent."""
+
+
 @dataclass
 class Captured:
     """What the web service answered, the body cut at the cap."""
@@ -41,7 +45,13 @@ def build_client(settings: Settings, transport: httpx.BaseTransport | None = Non
         write=settings.write_timeout_s,
         pool=settings.pool_timeout_s,
     )
-    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, transport=transport)
+    return httpx.Client(
+        timeout=timeout,
+        follow_redirects=False,
+        trust_env=False,
+        transport=transport,
+        headers={"User-Agent": USER_AGENT},
+    )
 
 
 def _headers(response: httpx.Response) -> dict[str, str]:

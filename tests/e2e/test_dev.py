@@ -56,6 +56,8 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
          "--flower-port", str(flower), "--upstream-port", str(upstream)],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
+        # started as a shell starts a background job: with SIGINT ignored, which Ctrl-C must overcome
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
     lines: list[str] = []
     out: queue.Queue[str] = queue.Queue()

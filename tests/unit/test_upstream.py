@@ -382,3 +382,24 @@ def test_corrupt_gzip_body_is_protocol_error() -> None:
         _send(handler)
     # Then it fails as a protocol error
     assert caught.value.code == "protocol_error"
+
+
+# --- what is sent ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [({}, upstream.USER_AGENT), ({"User-Agent": "acme-sync/2"}, "acme-sync/2")],
+)
+def test_the_hub_names_itself_unless_the_request_does(headers: dict[str, str], expected: str) -> None:
+    # Given a request with or without its own User-Agent
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    # When it is sent
+    _send(handler, Outgoing(method="GET", url=URL, headers=headers))
+    # Then the service sees the request's own User-Agent, else the hub's
+    assert seen[0].headers["user-agent"] == expected
