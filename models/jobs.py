@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlmodel import Session
 
 from models.base import utcnow
+from models.errors import HubError
 from models.tables import Job
 
 
@@ -68,3 +69,8 @@ def finish(
         values["secrets_used"] = secrets_used
     session.execute(sa.update(Job).where(Job.id == job_id).values(**values))  # type: ignore[arg-type]
     session.commit()
+
+
+def fail(session: Session, job_id: str, exc: HubError) -> None:
+    """Record that the job failed for the reason ``exc`` names (its code and safe message)."""
+    finish(session, job_id, status=JobStatus.FAILED, error={"code": exc.code, "message": exc.message})

@@ -47,20 +47,16 @@ def run_job(job_id: str, runtime: Runtime) -> None:
         try:
             result = _execute(session, job, runtime)
         except (errors.JobError, errors.InvalidInput) as exc:
-            jobs.finish(session, job_id, status=JobStatus.FAILED, error=_error(exc))
+            jobs.fail(session, job_id, exc)
             log.info("job %s failed: %s", job_id, exc.code)
             return
         except Exception:
             log.exception("job %s failed unexpectedly", job_id)
             session.rollback()
-            jobs.finish(session, job_id, status=JobStatus.FAILED, error=_error(errors.HubError()))
+            jobs.fail(session, job_id, errors.HubError())
             return
         jobs.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result)
         log.info("job %s succeeded: HTTP %s", job_id, result["status_code"])
-
-
-def _error(exc: errors.HubError) -> dict[str, Any]:
-    return {"code": exc.code, "message": exc.message}
 
 
 def _execute(session: Session, job: Job, runtime: Runtime) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from models import errors
 from models.settings import Settings
 from worker.render import Outgoing
 
-
 USER_AGENT = "integration-hub/0.1"
 """Sent unless the request sets its own User-Agent."""
 

@@ -66,11 +66,8 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
     session.commit()
     try:
         request.app.state.enqueue(job.id)
-    except errors.BrokerUnavailable:
-        jobs.finish(
-            session, job.id, status=JobStatus.FAILED,
-            error={"code": "broker_unavailable", "message": "the job could not be queued"},
-        )
+    except errors.BrokerUnavailable as exc:
+        jobs.fail(session, job.id, exc)  # recorded, not lost: the caller sees it in the list
         raise
     return job_public(job)
 
