@@ -6,13 +6,15 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 
 from api_shim import problems
 from api_shim.queue import Enqueue, celery_enqueue
-from api_shim.routes import connections, executions, health, templates
+from api_shim.routes import connections, executions, health, requests, secrets, templates
 from models.db import get_engine
 from models.settings import Settings, get_settings
+from models.vault import Vault, generate_key
 
 DESCRIPTION = """Keeps an organisation's connections to third-party web services in one place
 and executes requests through them asynchronously. Every call but the health checks and the
@@ -23,20 +25,26 @@ with a stable `code`."""
 def create_app(
     settings: Settings | None = None, *, engine: Engine | None = None, enqueue: Enqueue | None = None
 ) -> FastAPI:
-    """The API, on ``engine`` (default: the configured database), sending jobs with ``enqueue``."""
+    """The API, on ``engine`` (default: the configured database), sending jobs with ``enqueue``.
+
+    It refuses to start (:class:`~models.errors.MasterKeyMissing`) without a master key.
+    """
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = FastAPI(title="Integration Hub", version="0.1.0", description=DESCRIPTION)
     app.state.settings = settings
     app.state.engine = engine or get_engine(settings.effective_database_url())
     app.state.enqueue = enqueue or celery_enqueue()
+    app.state.vault = Vault.from_setting(settings.master_keys_value())
     problems.install(app)
-    for module in (health, templates, connections, executions):
+    for module in (health, templates, connections, requests, secrets, executions):
         app.include_router(module.router)
     return app
 
 
 def openapi_document() -> dict[str, Any]:
     """The API's OpenAPI document, as committed in ``docs/openapi.json``."""
-    settings = Settings(_env_file=None, database_url="sqlite://")  # type: ignore[call-arg]
+    settings = Settings(
+        _env_file=None, database_url="sqlite://", master_keys=SecretStr(generate_key())  # type: ignore[call-arg]
+    )
     return create_app(settings, enqueue=lambda _job_id: None).openapi()

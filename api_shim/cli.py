@@ -9,6 +9,7 @@
     integration-hub worker [-c N] [--pool P]
     integration-hub flower [--address A] [--port P]
     integration-hub upstream [--host H] [--port P]
+    integration-hub keys generate | rotate
     integration-hub openapi
 """
 
@@ -19,7 +20,8 @@ import os
 import sys
 
 from models import errors
-from models.settings import get_settings
+from models.settings import Settings, get_settings
+from models.vault import Vault, generate_key
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     flower.add_argument("--address", default="127.0.0.1")
     flower.add_argument("--port", type=int, default=5555)
 
+    keys = commands.add_parser("keys", help="manage the vault's master keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    key_commands.add_parser("generate", help="print a new master key (the last line, alone)")
+    rotate = key_commands.add_parser("rotate", help="re-encrypt every secret under the first key")
+    rotate.add_argument("--batch-size", type=int, default=200)
+
     commands.add_parser("openapi", help="print the OpenAPI document (docs/openapi.json)")
 
     upstream = commands.add_parser("upstream", help="serve the demo web service")
@@ -72,6 +80,25 @@ def _celery(arguments: list[str]) -> int:
         celery_main()
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    return 0
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    if args.keys_command == "generate":
+        print("A new master key. Put it first in HUB_MASTER_KEYS (keep the old ones after it),")
+        print("then run `integration-hub keys rotate`:")
+        print(generate_key())
+        return 0
+    from models.db import get_engine
+    from models.secrets import rotate
+
+    vault = Vault.from_setting(settings.master_keys_value())
+    report = rotate(get_engine(), vault, batch_size=args.batch_size)
+    print(f"Re-encrypted {report.resealed} secret(s) under key {vault.current_key_id}.")
+    if report.unreadable:
+        print(f"{report.unreadable} secret(s) were sealed with a key that HUB_MASTER_KEYS lacks; "
+              "they were left as they are.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -106,13 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Created tenant {tenant.name} ({tenant.id}). Its API key, shown only now:")
             print(key)
             return 0
+        if args.command == "keys":
+            return _keys(args, settings)
         if args.command == "api":
             import uvicorn
 
+            Vault.from_setting(settings.master_keys_value())  # refuse to start without a key
             uvicorn.run("api_shim.app:create_app", factory=True, host=args.host, port=args.port,
                         log_level=settings.log_level.lower())
             return 0
-        if args.command == "worker":
+        if args.command == "worker":  # without a master key it refuses to start (worker.celery_app)
             extra = ["-c", str(args.concurrency)] if args.concurrency else []
             return _celery(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}", *extra])
         if args.command == "flower":

@@ -33,6 +33,7 @@ from models.migrate import upgrade
 from models.settings import Settings
 from models.tables import Tenant
 from models.tenants import create_tenant, issue_key, tenant_for_key
+from models.vault import generate_key
 
 DEMO_TENANT = "demo"
 GRACE_S = 15.0
@@ -159,6 +160,17 @@ def _demo_key(settings: Settings, url: str) -> str:
     return key
 
 
+def _master_keys(settings: Settings) -> str:
+    """``HUB_MASTER_KEYS``, else a key kept in the data directory (made on the first run)."""
+    if settings.master_keys is not None:
+        return settings.master_keys.get_secret_value()
+    key_file = settings.data_dir / "master.key"
+    if not key_file.exists():
+        key_file.touch(mode=0o600)
+        key_file.write_text(generate_key() + "\n")
+    return key_file.read_text().strip()
+
+
 def run(settings: Settings, *, host: str, port: int, flower_port: int, upstream_port: int) -> int:
     """Run the dev stack until Ctrl-C or SIGTERM; the exit status."""
     data_dir = settings.data_dir.resolve()
@@ -180,6 +192,7 @@ def run(settings: Settings, *, host: str, port: int, flower_port: int, upstream_
         **os.environ,
         "HUB_DATA_DIR": str(data_dir),
         "HUB_DATABASE_URL": database_url,
+        "HUB_MASTER_KEYS": _master_keys(settings.model_copy(update={"data_dir": data_dir})),
         "HUB_ALLOW_PRIVATE_DESTINATIONS": "true",
         "HUB_ALLOW_HTTP": "true",
         "FLOWER_UNAUTHENTICATED_API": "true",

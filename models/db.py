@@ -61,3 +61,12 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def lock_row(session: Session, model: Any, row_id: str) -> None:
+    """Hold the write lock on one row until the transaction ends (on SQLite: the database's).
+
+    A no-op UPDATE, so it works the same on PostgreSQL (a row lock) and SQLite (the write
+    lock): checks made after it, such as a count against a limit, cannot race another writer.
+    """
+    session.execute(sa.update(model).where(model.id == row_id).values(id=model.id))

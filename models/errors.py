@@ -16,10 +16,12 @@
     │   ├── UnsupportedMediaType, InvalidBody, MissingAuthHeader, InvalidOAuth2,
     │   ├── HostNotAllowed, SchemeNotAllowed, InvalidUrl,
     │   ├── ManualRequestHasPlaceholders, MissingVariable, NotImplementedYet
+    ├── MasterKeyMissing, InvalidMasterKey (configuration: the process refuses to start)
     ├── Unavailable               503 service_unavailable
     │   └── BrokerUnavailable     503 broker_unavailable
     └── JobError                  (no HTTP status: how a job fails in the worker)
         ├── Blocked               blocked_destination
+        ├── SecretMissing, SecretUnreadable, ReferenceGone
         └── UpstreamError         request_failed, and one subclass per transport failure
 
 The first line of each docstring is the default message. Messages never contain a secret.
@@ -185,6 +187,18 @@ class NotImplementedYet(InvalidInput):
     code = "not_implemented"
 
 
+class MasterKeyMissing(HubError):
+    """No master key is configured: set HUB_MASTER_KEYS (make one with `integration-hub keys generate`)."""
+
+    code = "master_key_missing"
+
+
+class InvalidMasterKey(HubError):
+    """HUB_MASTER_KEYS must be comma-separated base64 encodings of 32-byte keys."""
+
+    code = "invalid_master_key"
+
+
 class Unavailable(HubError):
     """A service the hub depends on is unavailable."""
 
@@ -214,6 +228,12 @@ class SecretMissing(JobError):
     """A secret the request refers to does not exist."""
 
     code = "secret_missing"
+
+
+class SecretUnreadable(JobError):
+    """A secret could not be decrypted with the configured master keys."""
+
+    code = "secret_unreadable"
 
 
 class ReferenceGone(JobError):

@@ -71,6 +71,7 @@ def finish(
     session.commit()
 
 
-def fail(session: Session, job_id: str, exc: HubError) -> None:
+def fail(session: Session, job_id: str, exc: HubError, *, secrets_used: list[str] | None = None) -> None:
     """Record that the job failed for the reason ``exc`` names (its code and safe message)."""
-    finish(session, job_id, status=JobStatus.FAILED, error={"code": exc.code, "message": exc.message})
+    finish(session, job_id, status=JobStatus.FAILED, error={"code": exc.code, "message": exc.message},
+           secrets_used=secrets_used)

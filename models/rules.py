@@ -27,6 +27,11 @@ MAX_REQUESTS_PER_CONNECTION = 50
 PATH_PARAM = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 VARIABLE = re.compile(r"\{\{\s*vars\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 SECRET = re.compile(r"\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
+FILLED = re.compile(
+    r"\{\{\s*(?:vars\.(?P<var>[A-Za-z_][A-Za-z0-9_]*)|secrets\.(?P<secret>[A-Za-z_][A-Za-z0-9_.-]*))\s*\}\}"
+)
+"""Every placeholder the worker fills in text, matched in one pass so that no filled-in value
+is ever read again (a variable cannot smuggle in a ``{{secrets.X}}``)."""
 
 
 def _invalid(cls: type[errors.InvalidInput], loc: list[str | int], msg: str) -> errors.InvalidInput:
@@ -64,7 +69,7 @@ def check_template(integration_method: str, auth_type: str, auth_headers: list[d
         raise _invalid(errors.InvalidInput, ["auth_headers"], "auth header names must be unique")
 
 
-def auth_header_values(
+def resolve_auth_headers(
     auth_headers: list[dict[str, Any]], given: dict[str, str]
 ) -> dict[str, str]:
     """The values a connection sends for its template's auth headers: given, else the default.
@@ -125,6 +130,33 @@ def default_allowed_hosts(base_url: str | None, oauth2: dict[str, Any] | None) -
         if host and host.lower() not in hosts:
             hosts.append(host.lower())
     return hosts
+
+
+def connection_settings(
+    template: dict[str, Any],
+    *,
+    base_url: str | None,
+    allowed_hosts: list[str] | None,
+    auth_header_values: dict[str, str],
+    oauth2: dict[str, Any] | None,
+    allow_http: bool,
+) -> dict[str, Any]:
+    """A connection's checked settings under its template's rules (copied into ``template``).
+
+    ``allowed_hosts`` defaults to the hosts of ``base_url`` and the OAuth token URL.
+    """
+    check_oauth2(template["auth_type"], oauth2)
+    if base_url:
+        check_url_scheme(base_url, allow_http=allow_http, loc=["base_url"])
+    if oauth2:
+        check_url_scheme(oauth2["token_url"], allow_http=allow_http, loc=["oauth2", "token_url"])
+    hosts = [host.lower() for host in allowed_hosts] if allowed_hosts else default_allowed_hosts(base_url, oauth2)
+    return {
+        "base_url": base_url,
+        "allowed_hosts": hosts,
+        "auth_header_values": resolve_auth_headers(template["auth_headers"], auth_header_values),
+        "oauth2": oauth2,
+    }
 
 
 def resolve_url(base_url: str | None, url: str) -> str:
@@ -232,6 +264,11 @@ def caller_placeholders(url: str, headers: Any, query: Any, body: Any) -> set[st
     for text in [url, *_strings(headers), *_strings(query), *_strings(body)]:
         found.update(f"vars:{name}" for name in VARIABLE.findall(text))
     return found
+
+
+def secret_names(*values: Any) -> set[str]:
+    """The names of the secrets that ``{{secrets.NAME}}`` placeholders among ``values`` use."""
+    return {name for value in values for text in _strings(value) for name in SECRET.findall(text)}
 
 
 def missing_values(

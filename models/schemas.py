@@ -6,12 +6,12 @@ Outputs never carry a secret value.
 
 from __future__ import annotations
 
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.base import rfc3339
-from models.tables import Connection, Job, Request, Template
+from models.tables import Connection, Job, Request, Secret, Template
 
 HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 NAME = Field(min_length=1, max_length=200)
@@ -99,6 +99,54 @@ class ConnectionCreate(Input):
     client_certificate: ClientCertificate | None = None
 
 
+class Update(Input):
+    """Base of PATCH bodies: the fields given replace the stored ones; only some may be null."""
+
+    not_null: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            nulled = sorted(k for k, v in data.items() if v is None and k in cls.not_null)
+            if nulled:
+                raise ValueError(f"{', '.join(nulled)} cannot be null")
+        return data
+
+
+class ConnectionUpdate(Update):
+    """``PATCH /v1/connections/{id}``: null clears ``description``, ``base_url``, ``oauth2``…"""
+
+    not_null = frozenset({"name", "auth_header_values"})
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    base_url: str | None = Field(default=None, max_length=2048)
+    allowed_hosts: list[str] | None = Field(default=None, max_length=50)
+    auth_header_values: dict[str, str] | None = None
+    oauth2: OAuth2Settings | None = None
+    client_certificate: ClientCertificate | None = None
+
+
+class SecretPut(Input):
+    """``PUT /v1/connections/{id}/secrets/{name}``."""
+
+    value: str = Field(max_length=65_536)
+
+    def __repr__(self) -> str:
+        return "SecretPut(value='**********')"
+
+    __str__ = __repr__
+
+
+class SecretPublic(BaseModel):
+    """A secret as the API shows it: its name and times, never its value."""
+
+    name: str
+    created_at: str
+    updated_at: str
+
+
 class RequestCreate(Input):
     """``POST /v1/connections/{id}/requests``."""
 
@@ -110,6 +158,21 @@ class RequestCreate(Input):
     query: dict[str, str] = Field(default_factory=dict)
     body: Any = None
     media_type: str = "application/json"
+
+
+class RequestUpdate(Update):
+    """``PATCH /v1/connections/{id}/requests/{rid}``: only ``body`` may be set to null."""
+
+    not_null = frozenset({"name", "kind", "method", "url", "headers", "query", "media_type"})
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    kind: str | None = None
+    method: str | None = Field(default=None, min_length=1, max_length=10)
+    url: str | None = Field(default=None, min_length=1, max_length=4096)
+    headers: dict[str, str] | None = None
+    query: dict[str, str] | None = None
+    body: Any = None
+    media_type: str | None = None
 
 
 class ExecutionCreate(Input):
@@ -300,6 +363,11 @@ def request_public(row: Request) -> dict[str, Any]:
         "created_at": rfc3339(row.created_at),
         "updated_at": rfc3339(row.updated_at),
     }
+
+
+def secret_public(row: Secret) -> dict[str, Any]:
+    """A secret's name and times; its value is never shown."""
+    return {"name": row.name, "created_at": rfc3339(row.created_at), "updated_at": rfc3339(row.updated_at)}
 
 
 def job_public(row: Job) -> dict[str, Any]:

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         default=None, description="user:password that Flower asks for; comma-separate several."
     )
 
+    def master_keys_value(self) -> str | None:
+        """``HUB_MASTER_KEYS`` as given, for the vault."""
+        return self.master_keys.get_secret_value() if self.master_keys else None
+
     def effective_database_url(self) -> str:
         """The database to use: ``database_url``, else a SQLite file in the data directory.
 

@@ -27,10 +27,12 @@ from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings
 from models.tenants import create_tenant, issue_key
+from models.vault import generate_key
 from tests import processes
 
 TEST_DATABASE_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("HUB_TEST_REDIS_URL")
+TEST_MASTER_KEY = generate_key()
 
 
 def _normalize(url: str) -> str:
@@ -159,6 +161,7 @@ def test_settings(database_url: str, **overrides: object) -> Settings:
         "redis_url": TEST_REDIS_URL or "redis://127.0.0.1:1/0",
         "allow_http": True,
         "allow_private_destinations": True,
+        "master_keys": TEST_MASTER_KEY,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -7,9 +7,13 @@ row makes the second delivery harmless. No result backend: results live in the j
 
 from __future__ import annotations
 
-from celery import Celery
+import sys
 
+from celery import Celery, signals
+
+from models.errors import HubError
 from models.settings import Settings, get_settings
+from models.vault import Vault
 
 
 def create_app(settings: Settings) -> Celery:
@@ -40,3 +44,13 @@ def create_app(settings: Settings) -> Celery:
 
 
 app = create_app(get_settings())
+
+
+@signals.celeryd_init.connect
+def refuse_to_start_without_a_master_key(**_: object) -> None:
+    """A worker that could not open any secret does not start (``celery -A worker worker`` too)."""
+    try:
+        Vault.from_setting(get_settings().master_keys_value())
+    except HubError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        raise SystemExit(1) from exc

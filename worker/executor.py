@@ -16,10 +16,11 @@ import httpx
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from models import errors, jobs
+from models import errors, jobs, rules, secrets
 from models.jobs import JobStatus
 from models.settings import Settings
 from models.tables import Connection, Job, Request
+from models.vault import Vault
 from worker import guard, render, upstream
 
 log = logging.getLogger("hub.worker")
@@ -32,6 +33,7 @@ class Runtime:
     settings: Settings
     engine: Engine
     client: httpx.Client
+    vault: Vault
     resolve: guard.Resolver = guard.system_resolver
 
 
@@ -44,22 +46,24 @@ def run_job(job_id: str, runtime: Runtime) -> None:
         job = session.get(Job, job_id)
         assert job is not None  # claimed just now
         log.info("job %s running (tenant %s, connection %s)", job.id, job.tenant_id, job.connection_id)
+        used: list[str] = []
         try:
-            result = _execute(session, job, runtime)
+            result = _execute(session, job, runtime, used)
         except (errors.JobError, errors.InvalidInput) as exc:
-            jobs.fail(session, job_id, exc)
+            jobs.fail(session, job_id, exc, secrets_used=used)
             log.info("job %s failed: %s", job_id, exc.code)
             return
-        except Exception:
-            log.exception("job %s failed unexpectedly", job_id)
+        except Exception as exc:
+            # The type only: an exception's text may quote a URL, a header or a secret.
+            log.error("job %s failed unexpectedly: %s", job_id, type(exc).__name__)
             session.rollback()
-            jobs.fail(session, job_id, errors.HubError())
+            jobs.fail(session, job_id, errors.HubError(), secrets_used=used)
             return
-        jobs.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result)
+        jobs.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result, secrets_used=used)
         log.info("job %s succeeded: HTTP %s", job_id, result["status_code"])
 
 
-def _execute(session: Session, job: Job, runtime: Runtime) -> dict[str, Any]:
+def _execute(session: Session, job: Job, runtime: Runtime, used: list[str]) -> dict[str, Any]:
     connection = session.get(Connection, job.connection_id)
     request = session.get(Request, job.request_id) if job.request_id else None
     if (
@@ -72,6 +76,11 @@ def _execute(session: Session, job: Job, runtime: Runtime) -> dict[str, Any]:
     if connection.template.get("auth_type") == "oauth2":
         raise errors.NotImplementedYet("OAuth 2.0 authentication is not supported yet.")
     settings = runtime.settings
+    names = rules.secret_names(request.url, request.headers, request.query, request.body,
+                               connection.auth_header_values)
+    used.extend(sorted(names))
+    opened = secrets.open_secrets(session, runtime.vault, tenant_id=job.tenant_id,
+                                  connection_id=connection.id, names=names)
     outgoing = render.render(
         method=request.method,
         url=request.url,
@@ -83,6 +92,7 @@ def _execute(session: Session, job: Job, runtime: Runtime) -> dict[str, Any]:
         auth_header_values=connection.auth_header_values,
         path_params=job.params.get("path_params", {}),
         variables=job.params.get("variables", {}),
+        secrets=opened,
     )
     if outgoing.method not in connection.template["verbs"]:
         raise errors.VerbNotAllowed()

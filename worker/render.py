@@ -1,20 +1,21 @@
-"""Turning a stored request and the caller's values into the HTTP request to send.
+"""Turning a stored request and the values of one job into the HTTP request to send.
 
-Values are substituted as data: a path parameter is percent-encoded, and a JSON body is
-rendered value by value, so a value can neither break the JSON nor be expanded again.
+Values are substituted as data, in one pass: a path parameter or a value in the URL is
+percent-encoded, a JSON body is rendered value by value, and no filled-in value is read again,
+so a value can neither break the JSON nor expand another placeholder (a variable holding
+``{{secrets.X}}`` stays that text).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from models import errors, rules
-
-WHOLE_VARIABLE = re.compile(r"^\{\{\s*vars\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}$")
 
 
 @dataclass
@@ -28,25 +29,43 @@ class Outgoing:
     content: bytes | None = None
 
 
-def _text(value: str, variables: dict[str, Any]) -> str:
-    def variable(match: re.Match[str]) -> str:
-        item = variables[match.group(1)]
-        return item if isinstance(item, str) else json.dumps(item)
+@dataclass
+class Values:
+    """What fills the placeholders of one job: the caller's variables and the opened secrets."""
 
-    return rules.VARIABLE.sub(variable, value)
+    variables: Mapping[str, Any]
+    secrets: Mapping[str, str]
+
+    def lookup(self, match: re.Match[str]) -> Any:
+        """The value a placeholder match stands for."""
+        if match.group("var") is not None:
+            return self.variables[match.group("var")]
+        return self.secrets[match.group("secret")]
+
+    def fill(self, text: str, encode: Callable[[str], str] = str) -> str:
+        """``text`` with its placeholders filled in, each value passed through ``encode``."""
+
+        def one(match: re.Match[str]) -> str:
+            item = self.lookup(match)
+            return encode(item if isinstance(item, str) else json.dumps(item))
+
+        return rules.FILLED.sub(one, text)
+
+    def json_value(self, value: Any) -> Any:
+        """A JSON value filled in value by value; a string that is one placeholder takes the
+        value itself (a variable keeps its JSON type)."""
+        if isinstance(value, str):
+            whole = rules.FILLED.fullmatch(value)
+            return self.lookup(whole) if whole else self.fill(value)
+        if isinstance(value, list):
+            return [self.json_value(item) for item in value]
+        if isinstance(value, dict):
+            return {key: self.json_value(item) for key, item in value.items()}
+        return value
 
 
-def _json_value(value: Any, variables: dict[str, Any]) -> Any:
-    if isinstance(value, str):
-        whole = WHOLE_VARIABLE.match(value)
-        if whole:
-            return variables[whole.group(1)]
-        return _text(value, variables)
-    if isinstance(value, list):
-        return [_json_value(item, variables) for item in value]
-    if isinstance(value, dict):
-        return {key: _json_value(item, variables) for key, item in value.items()}
-    return value
+def _url_encode(value: str) -> str:
+    return quote(value, safe="")
 
 
 def encode_body(body: Any, media_type: str) -> bytes:
@@ -70,39 +89,37 @@ def render(
     auth_header_values: dict[str, str],
     path_params: dict[str, Any],
     variables: dict[str, Any],
+    secrets: Mapping[str, str] | None = None,
 ) -> Outgoing:
-    """The request to send, with every caller placeholder filled in.
+    """The request to send, with every placeholder filled in.
 
-    A missing value raises :class:`~models.errors.MissingVariable` (the API checks first, so
-    the worker sees this only for a request changed after submission). A secret reference
-    raises :class:`~models.errors.SecretMissing`: secrets are resolved by the vault.
+    A missing variable raises :class:`~models.errors.MissingVariable` (the API checks first,
+    so the worker sees this only for a request changed after submission); a secret that was
+    not opened raises :class:`~models.errors.SecretMissing`.
     """
-    missing = rules.missing_values(
-        rules.caller_placeholders(url, headers, query, body), path_params, variables
-    )
+    secrets = secrets or {}
+    missing = rules.missing_values(rules.caller_placeholders(url, headers, query, body), path_params, variables)
     if missing:
         raise errors.MissingVariable(f"no value for {', '.join(missing)}")
-    rendered_headers = {**auth_header_values, **{k: _text(v, variables) for k, v in headers.items()}}
-    rendered_query = {k: _text(v, variables) for k, v in query.items()}
+    for name in sorted(rules.secret_names(url, headers, query, body, auth_header_values)):
+        if name not in secrets:
+            raise errors.SecretMissing(f"the connection has no secret {name!r}")
+    values = Values(variables, secrets)
+    rendered_headers = {k: values.fill(v) for k, v in {**auth_header_values, **headers}.items()}
     content = None
     if body is not None:
-        content = encode_body(_json_value(body, variables), media_type)
+        content = encode_body(values.json_value(body), media_type)
         for name in [h for h in rendered_headers if h.lower() == "content-type"]:
             del rendered_headers[name]
         charset = "; charset=utf-8" if media_type.startswith("text/") else ""
         rendered_headers["Content-Type"] = media_type + charset
-    outgoing = Outgoing(
+    # Path parameters and variables in the URL are percent-encoded by fill_url; any text it
+    # produced is encoded, so the second fill (secrets) cannot see a placeholder it made.
+    filled_url = values.fill(rules.fill_url(url, path_params, variables), _url_encode)
+    return Outgoing(
         method=method,
-        url=rules.resolve_url(base_url, rules.fill_url(url, path_params, variables)),
+        url=rules.resolve_url(base_url, filled_url),
         headers=rendered_headers,
-        query=rendered_query,
+        query={k: values.fill(v) for k, v in query.items()},
         content=content,
     )
-    texts = [outgoing.url, *outgoing.headers.values(), *outgoing.query.values()]
-    if content is not None:
-        texts.append(content.decode("utf-8", "replace"))
-    for text in texts:
-        secret = rules.SECRET.search(text)
-        if secret:
-            raise errors.SecretMissing(f"secret {secret.group(1)!r} is not available")
-    return outgoing

@@ -7,6 +7,7 @@ import os
 
 from models.db import get_engine
 from models.settings import get_settings
+from models.vault import Vault
 from worker import upstream
 from worker.celery_app import app
 from worker.executor import Runtime, run_job
@@ -27,6 +28,7 @@ def runtime() -> Runtime:
             settings=settings,
             engine=get_engine(settings.effective_database_url()),
             client=upstream.build_client(settings),
+            vault=Vault.from_setting(settings.master_keys_value()),
         )
     return current
 

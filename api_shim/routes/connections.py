@@ -1,4 +1,4 @@
-"""``/v1/connections`` and their stored requests."""
+"""``/v1/connections``: a tenant's connections, made from templates, at most 50 of them."""
 
 from __future__ import annotations
 
@@ -12,26 +12,28 @@ from sqlmodel import Session, select
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, by_id_or_name
 from api_shim.problems import RESPONSES
 from models import errors, rules
+from models.base import utcnow
+from models.db import lock_row
 from models.schemas import (
     ConnectionCreate,
     ConnectionPublic,
+    ConnectionUpdate,
     Page,
-    RequestCreate,
-    RequestPublic,
     connection_public,
-    request_public,
     template_rules,
 )
-from models.tables import Connection, Request, Template
+from models.tables import Connection, Template, Tenant
 
 router = APIRouter(prefix="/v1/connections", tags=["connections"], responses=RESPONSES)
 
 
-def _count(session: Session, model: Any, *where: Any) -> int:
+def count(session: Session, model: Any, *where: Any) -> int:
+    """How many rows of ``model`` match ``where``."""
     return int(session.exec(select(sa.func.count()).select_from(model).where(*where)).one())
 
 
-def _commit_unique(session: Session, message: str) -> None:
+def commit_unique(session: Session, message: str) -> None:
+    """Commit; a unique-name violation becomes ``409 name_taken``."""
     try:
         session.commit()
     except IntegrityError as exc:
@@ -45,30 +47,29 @@ def create_connection(
 ) -> dict[str, Any]:
     """Make a connection from a template; it copies the template's rules."""
     template = by_id_or_name(session, Template, body.template_id, tenant_id=tenant.id)
-    if _count(session, Connection, Connection.tenant_id == tenant.id) >= rules.MAX_CONNECTIONS_PER_TENANT:
+    rules_copy = template_rules(template)
+    checked = rules.connection_settings(
+        rules_copy,
+        base_url=body.base_url,
+        allowed_hosts=body.allowed_hosts,
+        auth_header_values=body.auth_header_values,
+        oauth2=body.oauth2.model_dump() if body.oauth2 else None,
+        allow_http=settings.allow_http,
+    )
+    lock_row(session, Tenant, tenant.id)  # creations of one tenant queue here: the count holds
+    if count(session, Connection, Connection.tenant_id == tenant.id) >= rules.MAX_CONNECTIONS_PER_TENANT:
         raise errors.ConnectionLimitReached()
-    oauth2 = body.oauth2.model_dump() if body.oauth2 else None
-    rules.check_oauth2(template.auth_type, oauth2)
-    if body.base_url:
-        rules.check_url_scheme(body.base_url, allow_http=settings.allow_http, loc=["base_url"])
-    if oauth2:
-        rules.check_url_scheme(oauth2["token_url"], allow_http=settings.allow_http, loc=["oauth2", "token_url"])
-    allowed = body.allowed_hosts
-    hosts = [h.lower() for h in allowed] if allowed else rules.default_allowed_hosts(body.base_url, oauth2)
     row = Connection(
         tenant_id=tenant.id,
         template_id=template.id,
         name=body.name,
         description=body.description,
-        base_url=body.base_url,
-        allowed_hosts=hosts,
-        auth_header_values=rules.auth_header_values(template.auth_headers, body.auth_header_values),
-        oauth2=oauth2,
         client_certificate=body.client_certificate.model_dump() if body.client_certificate else None,
-        template=template_rules(template),
+        template=rules_copy,
+        **checked,
     )
     session.add(row)
-    _commit_unique(session, f"a connection named {body.name!r} exists")
+    commit_unique(session, f"a connection named {body.name!r} exists")
     return connection_public(row)
 
 
@@ -85,66 +86,43 @@ def get_connection(connection: str, session: SessionDep, tenant: CurrentTenant) 
     return connection_public(by_id_or_name(session, Connection, connection, tenant_id=tenant.id))
 
 
-@router.delete("/{connection}", status_code=204)
-def delete_connection(connection: str, session: SessionDep, tenant: CurrentTenant) -> Response:
-    """Remove a connection with its requests and secrets."""
-    row = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
-    session.execute(sa.delete(Request).where(Request.connection_id == row.id))  # type: ignore[arg-type]
-    session.delete(row)
-    session.commit()
-    return Response(status_code=204)
-
-
-@router.post("/{connection}/requests", status_code=201, response_model=RequestPublic)
-def create_request(
-    connection: str, body: RequestCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+@router.patch("/{connection}", response_model=ConnectionPublic)
+def update_connection(
+    connection: str, body: ConnectionUpdate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
 ) -> dict[str, Any]:
-    """Store a request of the connection."""
-    owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
-    if _count(session, Request, Request.connection_id == owner.id) >= rules.MAX_REQUESTS_PER_CONNECTION:
-        raise errors.RequestLimitReached()
-    method = rules.check_request(
-        kind=body.kind,
-        method=body.method,
-        url=body.url,
-        headers=body.headers,
-        query=body.query,
-        body=body.body,
-        media_type=body.media_type,
-        verbs=owner.template["verbs"],
-        base_url=owner.base_url,
-        allowed_hosts=owner.allowed_hosts,
+    """Change a connection; the result is checked again as a whole against its template's rules.
+
+    ``allowed_hosts`` that were the default follow a new ``base_url`` or token URL.
+    """
+    row = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
+    given = body.model_dump(exclude_unset=True)
+    oauth2 = given["oauth2"] if "oauth2" in given else row.oauth2
+    base_url = given["base_url"] if "base_url" in given else row.base_url
+    allowed_hosts = given.get("allowed_hosts")
+    if "allowed_hosts" not in given and row.allowed_hosts != rules.default_allowed_hosts(row.base_url, row.oauth2):
+        allowed_hosts = row.allowed_hosts
+    checked = rules.connection_settings(
+        row.template,
+        base_url=base_url,
+        allowed_hosts=allowed_hosts,
+        auth_header_values=given.get("auth_header_values", row.auth_header_values) or {},
+        oauth2=oauth2,
         allow_http=settings.allow_http,
     )
-    row = Request(
-        tenant_id=tenant.id,
-        connection_id=owner.id,
-        name=body.name,
-        kind=body.kind,
-        method=method,
-        url=body.url,
-        headers=body.headers,
-        query=body.query,
-        body=body.body,
-        media_type=body.media_type,
-    )
+    for field in ("name", "description", "client_certificate"):
+        if field in given:
+            setattr(row, field, given[field])
+    for field, value in checked.items():
+        setattr(row, field, value)
+    row.updated_at = utcnow()
     session.add(row)
-    _commit_unique(session, f"the connection has a request named {body.name!r}")
-    return request_public(row)
+    commit_unique(session, f"a connection named {row.name!r} exists")
+    return connection_public(row)
 
 
-@router.get("/{connection}/requests", response_model=Page[RequestPublic])
-def list_requests(
-    connection: str, session: SessionDep, tenant: CurrentTenant, page: PageDep
-) -> dict[str, Any]:
-    """The connection's stored requests, oldest first."""
-    owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
-    statement = page.apply(select(Request).where(Request.connection_id == owner.id), Request)
-    return page.answer(list(session.exec(statement)), request_public)
-
-
-@router.get("/{connection}/requests/{request}", response_model=RequestPublic)
-def get_request(connection: str, request: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    """One stored request, by id or by name."""
-    owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
-    return request_public(by_id_or_name(session, Request, request, connection_id=owner.id))
+@router.delete("/{connection}", status_code=204)
+def delete_connection(connection: str, session: SessionDep, tenant: CurrentTenant) -> Response:
+    """Remove a connection with its requests and secrets (the database cascades)."""
+    session.delete(by_id_or_name(session, Connection, connection, tenant_id=tenant.id))
+    session.commit()
+    return Response(status_code=204)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests import processes
+from tests.conftest import TEST_MASTER_KEY
 
 pytestmark = pytest.mark.e2e
 
@@ -52,6 +53,7 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: pyt
         "HUB_DATA_DIR": str(logs),
         "HUB_ALLOW_HTTP": "true",
         "HUB_ALLOW_PRIVATE_DESTINATIONS": "true",
+        "HUB_MASTER_KEYS": TEST_MASTER_KEY,
         "PYTHONUNBUFFERED": "1",
     }
     subprocess.run([*processes.HUB, "migrate"], env=env, check=True, timeout=60, capture_output=True)

@@ -107,7 +107,9 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
     job = json.loads(done.stdout.strip().splitlines()[-1])
     assert job["status"] == "succeeded", job
     assert job["result"]["status_code"] == 200
-    assert json.loads(job["result"]["body"])["headers"]["x-client-key"] == "walk-through"
+    assert json.loads(job["result"]["body"])["headers"]["x-client-key"] == "walk-through-key"
+    # and the vault's key was made in the data directory, readable by its owner alone
+    assert (dev.data_dir / "master.key").stat().st_mode & 0o777 == 0o600
 
     # and Flower shows the job's task, whose only argument is the job id
     def task_seen() -> bool:

@@ -63,7 +63,8 @@ def test_readme_walkthrough_runs_and_stores_the_upstream_answer(stack: Stack) ->
     assert echo["method"] == "POST"
     assert echo["path"] == "/echo/hello"
     assert echo["query"] == {"lang": "en"}
-    assert echo["headers"]["x-client-key"] == "walk-through"
+    assert echo["headers"]["x-client-key"] == "walk-through-key"  # filled in from the secret
+    assert job["secrets_used"] == ["client_key"]
     assert echo["headers"]["user-agent"].startswith("integration-hub/")
     assert echo["headers"]["content-type"] == "application/json"
     assert json.loads(echo["body"]) == {"greeting": "hello"}

@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from models import errors
+from models import errors, secrets
 from models.base import as_utc
 from models.tables import Connection, Job, Request
-from tests.conftest import new_tenant, test_settings
+from models.vault import Vault
+from tests.conftest import TEST_MASTER_KEY, new_tenant, test_settings
 from worker import upstream
 from worker.executor import Runtime, run_job
 
@@ -66,7 +67,14 @@ class World:
         values.update(settings)
         config = test_settings(self.database_url, **values)
         client = upstream.build_client(config, transport=httpx.MockTransport(self.upstream.handler))
-        return Runtime(settings=config, engine=self.engine, client=client, resolve=self.upstream.resolve)
+        vault = Vault.from_setting(config.master_keys_value())
+        return Runtime(settings=config, engine=self.engine, client=client, vault=vault, resolve=self.upstream.resolve)
+
+    def put_secret(self, name: str, value: str) -> None:
+        with Session(self.engine) as session:
+            secrets.put(session, Vault.from_setting(TEST_MASTER_KEY), tenant_id=self.tenant_id,
+                        connection_id=self.connection_id, name=name, value=value)
+            session.commit()
 
     def job(self, *, status: str = "queued", params: dict[str, Any] | None = None) -> str:
         with Session(self.engine) as session:
@@ -408,3 +416,72 @@ def test_oauth2_connection_fails_as_not_implemented(world: World) -> None:
     # Then it failed with not_implemented and nothing was sent
     _failed(job, "not_implemented")
     assert world.upstream.requests == []
+
+
+def test_secrets_fill_url_headers_query_body_and_auth_headers(world: World) -> None:
+    # Given secrets of the connection, referenced everywhere a request can refer to them
+    world.put_secret("api_token", "tok/en 1")
+    world.put_secret("client_key", "ck-9")
+    with Session(world.engine) as session:
+        connection = session.get(Connection, world.connection_id)
+        assert connection is not None
+        connection.auth_header_values = {"X-Client-Key": "{{secrets.client_key}}"}
+        session.add(connection)
+        session.commit()
+    world.change_request(
+        method="POST",
+        url="/items/{{secrets.api_token}}",
+        headers={"Authorization": "Bearer {{secrets.api_token}}"},
+        query={"key": "{{secrets.client_key}}"},
+        body={"token": "{{secrets.api_token}}", "note": "key={{secrets.client_key}}"},
+        media_type="application/json",
+    )
+    # When a job runs
+    job = world.run(world.job(params=PARAMS))
+    # Then the service got every value in place, the URL's percent-encoded
+    assert job.status == "succeeded", job.error
+    sent = world.upstream.requests[0]
+    assert sent.url.raw_path.decode().startswith("/v1/items/tok%2Fen%201")
+    assert sent.headers["authorization"] == "Bearer tok/en 1"
+    assert sent.headers["x-client-key"] == "ck-9"
+    assert sent.url.params["key"] == "ck-9"
+    assert json.loads(sent.content) == {"token": "tok/en 1", "note": "key=ck-9"}
+    # and the job names the secrets it read, without their values
+    assert job.secrets_used == ["api_token", "client_key"]
+    assert "tok/en 1" not in json.dumps(job.result) + json.dumps(job.secrets_used)
+
+
+def test_a_variable_cannot_expand_a_secret(world: World) -> None:
+    # Given a secret, and a studio request that echoes a caller's variable in its body
+    world.put_secret("api_token", "s3cr3t-value")
+    world.change_request(method="POST", kind="studio", body={"echo": "{{vars.text}}", "n": "{{vars.text}}!"},
+                         media_type="application/json")
+    # When a caller passes a secret placeholder as the variable's value
+    variables = {**PARAMS["variables"], "text": "{{secrets.api_token}}"}
+    job = world.run(world.job(params={"path_params": PARAMS["path_params"], "variables": variables}))
+    # Then the placeholder is sent as plain text: the secret was neither read nor sent
+    assert job.status == "succeeded", job.error
+    sent = world.upstream.requests[0]
+    assert json.loads(sent.content) == {"echo": "{{secrets.api_token}}", "n": "{{secrets.api_token}}!"}
+    assert b"s3cr3t-value" not in sent.content
+    assert job.secrets_used == []
+
+
+def test_a_secret_of_another_connection_is_missing(world: World) -> None:
+    # Given a secret stored on another connection of the same tenant
+    with Session(world.engine) as session:
+        other = Connection(tenant_id=world.tenant_id, name="other", allowed_hosts=[], auth_header_values={},
+                           template={"service_name": "s", "integration_method": "rest", "auth_type": "none",
+                                     "auth_headers": [], "verbs": ["GET"]})
+        session.add(other)
+        session.commit()
+        secrets.put(session, Vault.from_setting(TEST_MASTER_KEY), tenant_id=world.tenant_id,
+                    connection_id=other.id, name="api_token", value="not-yours")
+        session.commit()
+    world.change_request(headers={"Authorization": "Bearer {{secrets.api_token}}"})
+    # When this connection's request refers to that name
+    job = world.run(world.job(params=PARAMS))
+    # Then the job fails with secret_missing, and nothing was sent
+    _failed(job, "secret_missing")
+    assert world.upstream.requests == []
+    assert job.secrets_used == ["api_token"]

@@ -62,7 +62,7 @@ def test_required_auth_header_without_value_is_refused() -> None:
     # Given a template with a required auth header, and a connection that gives no value
     # When the connection's auth header values are computed
     with pytest.raises(errors.MissingAuthHeader) as caught:
-        rules.auth_header_values(AUTH_HEADERS, {"X-Api-Version": "59.0"})
+        rules.resolve_auth_headers(AUTH_HEADERS, {"X-Api-Version": "59.0"})
     # Then it is refused with missing_auth_header, naming the header
     assert caught.value.code == "missing_auth_header"
     assert "X-Client-Key" in str(caught.value)
@@ -71,7 +71,7 @@ def test_required_auth_header_without_value_is_refused() -> None:
 def test_default_fills_an_optional_auth_header() -> None:
     # Given a value for the required header only
     # When the values are computed
-    values = rules.auth_header_values(AUTH_HEADERS, {"X-Client-Key": "{{secrets.client_key}}"})
+    values = rules.resolve_auth_headers(AUTH_HEADERS, {"X-Client-Key": "{{secrets.client_key}}"})
     # Then the optional header takes its default
     assert values == {"X-Client-Key": "{{secrets.client_key}}", "X-Api-Version": "58.0"}
 
@@ -79,7 +79,7 @@ def test_default_fills_an_optional_auth_header() -> None:
 def test_given_value_overrides_the_default() -> None:
     # Given a value for the optional header too
     # When the values are computed
-    values = rules.auth_header_values(AUTH_HEADERS, {"X-Client-Key": "k", "X-Api-Version": "60.0"})
+    values = rules.resolve_auth_headers(AUTH_HEADERS, {"X-Client-Key": "k", "X-Api-Version": "60.0"})
     # Then the given value wins
     assert values["X-Api-Version"] == "60.0"
 
@@ -87,7 +87,7 @@ def test_given_value_overrides_the_default() -> None:
 def test_auth_header_names_match_case_insensitively() -> None:
     # Given values whose names differ from the template's only in case
     # When the values are computed
-    values = rules.auth_header_values(AUTH_HEADERS, {"x-client-key": "k", "X-API-VERSION": "61.0"})
+    values = rules.resolve_auth_headers(AUTH_HEADERS, {"x-client-key": "k", "X-API-VERSION": "61.0"})
     # Then they count, under the template's spelling
     assert values == {"X-Client-Key": "k", "X-Api-Version": "61.0"}
 
@@ -96,7 +96,7 @@ def test_optional_header_without_default_is_not_sent() -> None:
     # Given an optional header without a default and no value for it
     headers = [{"name": "X-Tenant", "required": False, "default": None}]
     # When the values are computed
-    values = rules.auth_header_values(headers, {})
+    values = rules.resolve_auth_headers(headers, {})
     # Then it is left out
     assert values == {}
 
@@ -105,7 +105,7 @@ def test_header_unknown_to_the_template_is_refused() -> None:
     # Given a value for a header the template does not name
     # When the values are computed
     with pytest.raises(errors.InvalidInput) as caught:
-        rules.auth_header_values(AUTH_HEADERS, {"X-Client-Key": "k", "X-Other": "v"})
+        rules.resolve_auth_headers(AUTH_HEADERS, {"X-Client-Key": "k", "X-Other": "v"})
     # Then it is refused
     assert caught.value.status == 422
     assert "X-Other" in str(caught.value)

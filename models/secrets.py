@@ -1,0 +1,116 @@
+"""A connection's secrets: stored sealed by the vault, opened only for the job that uses them.
+
+A secret is usable only by its own connection: it is looked up by connection id, and its
+ciphertext is bound to that connection by the vault's associated data.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from models import errors
+from models.base import utcnow
+from models.tables import Secret
+from models.vault import Sealed, Vault
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
+
+
+def check_name(name: str) -> None:
+    """A secret name is what ``{{secrets.NAME}}`` can refer to."""
+    if not NAME.fullmatch(name):
+        raise errors.InvalidInput(
+            "a secret name starts with a letter or _, then letters, digits, _ . -; at most 128",
+            errors=[{"loc": ["path", "name"], "msg": "not a secret name"}],
+        )
+
+
+def put(session: Session, vault: Vault, *, tenant_id: str, connection_id: str, name: str, value: str) -> None:
+    """Create or replace the connection's secret ``name`` with ``value``, sealed."""
+    check_name(name)
+    sealed = vault.seal(value, tenant_id=tenant_id, connection_id=connection_id, name=name)
+    row = session.exec(select(Secret).where(Secret.connection_id == connection_id, Secret.name == name)).first()
+    if row is None:
+        row = Secret(tenant_id=tenant_id, connection_id=connection_id, name=name,
+                     key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext)
+    else:
+        row.key_id, row.nonce, row.ciphertext, row.updated_at = (*sealed, utcnow())
+    session.add(row)
+
+
+def open_secrets(session: Session, vault: Vault, *, tenant_id: str, connection_id: str,
+                 names: Iterable[str]) -> dict[str, str]:
+    """The plaintexts of the connection's secrets ``names``, for one job, in memory only.
+
+    :class:`~models.errors.SecretMissing` names the first that does not exist.
+    """
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    rows = session.exec(
+        select(Secret).where(
+            Secret.connection_id == connection_id,
+            Secret.tenant_id == tenant_id,
+            Secret.name.in_(wanted),  # type: ignore[attr-defined]
+        )
+    ).all()
+    found = {row.name: row for row in rows}
+    for name in wanted:
+        if name not in found:
+            raise errors.SecretMissing(f"the connection has no secret {name!r}")
+    return {
+        name: vault.open(Sealed(row.key_id, row.nonce, row.ciphertext),
+                         tenant_id=tenant_id, connection_id=connection_id, name=name)
+        for name, row in found.items()
+    }
+
+
+@dataclass
+class RotationReport:
+    """What a rotation did."""
+
+    resealed: int = 0
+    unreadable: int = 0
+    """Secrets sealed with a key that is not configured (left as they are)."""
+
+
+def rotate(engine: Engine, vault: Vault, *, batch_size: int = 200) -> RotationReport:
+    """Re-encrypt every secret not sealed with the vault's current key, one batch per transaction.
+
+    It can be interrupted and run again: each batch is committed, and a secret already under
+    the current key is not touched. A row changed meanwhile (a new value was PUT) is skipped:
+    its update matches on the old nonce.
+    """
+    report = RotationReport()
+    after = ""
+    while True:
+        with Session(engine) as session:
+            rows = session.exec(
+                select(Secret)
+                .where(Secret.key_id != vault.current_key_id, Secret.id > after)
+                .order_by(Secret.id)  # type: ignore[arg-type]
+                .limit(batch_size)
+            ).all()
+            if not rows:
+                return report
+            for row in rows:
+                after = row.id
+                try:
+                    sealed = vault.reseal(Sealed(row.key_id, row.nonce, row.ciphertext),
+                                          tenant_id=row.tenant_id, connection_id=row.connection_id, name=row.name)
+                except errors.SecretUnreadable:
+                    report.unreadable += 1
+                    continue
+                changed = session.execute(
+                    sa.update(Secret)
+                    .where(Secret.id == row.id, Secret.nonce == row.nonce)  # type: ignore[arg-type]
+                    .values(key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext)
+                )
+                report.resealed += changed.rowcount  # type: ignore[attr-defined]
+            session.commit()
