@@ -16,7 +16,8 @@ from sqlmodel import Session, select
 
 from models import errors
 from models.base import utcnow
-from models.tables import Secret
+from models.db import lock_row
+from models.tables import Connection, Secret
 from models.vault import Sealed, Vault
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
@@ -32,8 +33,13 @@ def check_name(name: str) -> None:
 
 
 def put(session: Session, vault: Vault, *, tenant_id: str, connection_id: str, name: str, value: str) -> None:
-    """Create or replace the connection's secret ``name`` with ``value``, sealed."""
+    """Create or replace the connection's secret ``name`` with ``value``, sealed.
+
+    Writes to one connection's secrets queue on its row lock, so two PUTs of a new name both
+    succeed (the later one replaces) instead of one tripping the unique name.
+    """
     check_name(name)
+    lock_row(session, Connection, connection_id)
     sealed = vault.seal(value, tenant_id=tenant_id, connection_id=connection_id, name=name)
     row = session.exec(select(Secret).where(Secret.connection_id == connection_id, Secret.name == name)).first()
     if row is None:

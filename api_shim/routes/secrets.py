@@ -39,6 +39,7 @@ def list_secrets(connection: str, session: SessionDep, tenant: CurrentTenant, pa
 @router.delete("/{name}", status_code=204)
 def delete_secret(connection: str, name: str, session: SessionDep, tenant: CurrentTenant) -> Response:
     """Remove a secret of the connection."""
+    secrets.check_name(name)
     owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
     row = session.exec(select(Secret).where(Secret.connection_id == owner.id, Secret.name == name)).first()
     if row is None:

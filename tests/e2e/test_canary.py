@@ -108,6 +108,8 @@ def test_a_secret_value_appears_nowhere_but_in_the_request_to_its_service(stack:
     finished = [call("GET", f"/v1/executions/{job['id']}?wait=20", 200).json() for job in jobs]
     call("GET", "/v1/executions", 200)
     call("GET", "/v1/executions?connection=canary", 200)
+    call("DELETE", "/v1/connections/canary/requests/missing", 204)
+    call("DELETE", f"/v1/templates/{template['id']}", 204)
 
     # Then the jobs ran: one reached the service with the secret, one failed without it
     assert finished[0]["status"] == "succeeded", finished[0]
