@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import redis
 from fastapi import FastAPI
 from pydantic import SecretStr
 from sqlalchemy.engine import Engine
@@ -36,6 +37,7 @@ def create_app(
     app.state.engine = engine or get_engine(settings.effective_database_url())
     app.state.enqueue = enqueue or celery_enqueue()
     app.state.vault = Vault.from_setting(settings.master_keys_value())
+    app.state.redis = redis.Redis.from_url(settings.effective_redis_url(), socket_timeout=2, socket_connect_timeout=2)
     problems.install(app)
     for module in (health, templates, connections, requests, secrets, executions):
         app.include_router(module.router)

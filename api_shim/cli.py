@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("-c", "--concurrency", type=int)
     worker.add_argument("--pool", default="prefork")
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("-n", "--hostname", help="the worker's node name (default celery@HOST)")
 
     flower = commands.add_parser("flower", help="run Flower against the broker")
     flower.add_argument("--address", default="127.0.0.1")
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "worker":  # without a master key it refuses to start (worker.celery_app)
             extra = ["-c", str(args.concurrency)] if args.concurrency else []
+            extra += ["-n", args.hostname] if args.hostname else []
             return _celery(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}", *extra])
         if args.command == "flower":
             if settings.flower_basic_auth is not None:

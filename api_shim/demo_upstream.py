@@ -6,6 +6,7 @@ Endpoints (any method):
 - ``/bytes/N``: answers N bytes (at most 10 MB) of text, with a Content-Length.
 - ``/status/CODE``: answers that status with a small JSON body.
 - ``/stats``: how many requests each path got, for tests that count calls.
+- ``/oauth/...``: a test OAuth 2.0 token server and protected resource (:mod:`api_shim.demo_oauth`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
+
+from api_shim.demo_oauth import OAuthServer
 
 MAX_BYTES = 10 * 1024 * 1024
 
@@ -25,15 +29,20 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "hub-demo-upstream/1"
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in two writes: without this, 40 ms per keep-alive call
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         """Quiet: the dev stack keeps its own logs."""
 
-    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str = "application/json", headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Demo-Upstream", "yes")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
@@ -64,6 +73,10 @@ class Handler(BaseHTTPRequestHandler):
         elif head == "status" and len(segments) == 2 and segments[1].isdigit():
             code = int(segments[1])
             self._send(code, json.dumps({"status": code}).encode())
+        elif head == "oauth":
+            oauth: OAuthServer = self.server.oauth  # type: ignore[attr-defined]
+            reply = oauth.handle(self.command, parts.path, self.headers.items(), body)
+            self._send(reply.status, reply.body, headers=reply.headers)
         elif head == "stats":
             with self.server.lock:  # type: ignore[attr-defined]
                 self._send(200, json.dumps(dict(stats)).encode())
@@ -79,6 +92,7 @@ def make_server(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     server.daemon_threads = True
     server.stats = Counter()  # type: ignore[attr-defined]
     server.lock = threading.Lock()  # type: ignore[attr-defined]
+    server.oauth = OAuthServer()  # type: ignore[attr-defined]
     return server
 
 

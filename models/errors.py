@@ -230,6 +230,18 @@ class SecretMissing(JobError):
     code = "secret_missing"
 
 
+class TokenRequestFailed(JobError):
+    """The OAuth 2.0 token request failed."""
+
+    code = "token_request_failed"
+
+
+class SecretReferenceRequired(InvalidInput):
+    """This field holds a credential: give it as a secret reference, {{secrets.NAME}}."""
+
+    code = "secret_reference_required"
+
+
 class SecretUnreadable(JobError):
     """A secret could not be decrypted with the configured master keys."""
 

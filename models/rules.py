@@ -28,7 +28,8 @@ PATH_PARAM = re.compile(r"(?<!\{)\{([A-Za-z_][A-Za-z0-9_]*)\}(?!\})")
 VARIABLE = re.compile(r"\{\{\s*vars\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 SECRET = re.compile(r"\{\{\s*secrets\.([A-Za-z_][A-Za-z0-9_.-]*)\s*\}\}")
 FILLED = re.compile(
-    r"\{\{\s*(?:vars\.(?P<var>[A-Za-z_][A-Za-z0-9_]*)|secrets\.(?P<secret>[A-Za-z_][A-Za-z0-9_.-]*))\s*\}\}"
+    r"\{\{\s*(?:vars\.(?P<var>[A-Za-z_][A-Za-z0-9_]*)|secrets\.(?P<secret>[A-Za-z_][A-Za-z0-9_.-]*)"
+    r"|(?P<token>token))\s*\}\}"
 )
 """Every placeholder the worker fills in text, matched in one pass so that no filled-in value
 is ever read again (a variable cannot smuggle in a ``{{secrets.X}}``)."""
@@ -101,12 +102,38 @@ def resolve_auth_headers(
     return values
 
 
+SECRET_ONLY = re.compile(r"\{\{\s*secrets\.[A-Za-z_][A-Za-z0-9_.-]*\s*\}\}")
+CREDENTIALS = ("client_secret", "password", "refresh_token", "private_key")
+RESERVED_TOKEN_PARAMS = frozenset({
+    "grant_type", "client_id", "client_secret", "client_assertion", "client_assertion_type", "username",
+    "password", "refresh_token", "scope", "audience", "code", "code_verifier", "redirect_uri", "assertion",
+})
+
+
 def check_oauth2(auth_type: str, oauth2: dict[str, Any] | None) -> None:
-    """``oauth2`` is given exactly when the template's authentication is OAuth 2.0."""
+    """``oauth2`` is given exactly when the template's authentication is OAuth 2.0, has what its
+    grant and client authentication need, and holds credentials only as secret references."""
     if auth_type == "oauth2" and not oauth2:
         raise _invalid(errors.InvalidOAuth2, ["oauth2"], "the template uses OAuth 2.0: oauth2 is required")
     if auth_type != "oauth2" and oauth2:
         raise _invalid(errors.InvalidOAuth2, ["oauth2"], "the template uses no authentication: oauth2 is refused")
+    if not oauth2:
+        return
+    needed = ["client_id"]
+    needed.append("private_key" if oauth2.get("client_auth_method") == "private_key_jwt" else "client_secret")
+    needed += {"password": ["username", "password"], "refresh_token": ["refresh_token"]}.get(oauth2["grant_type"], [])
+    for name in needed:
+        if not oauth2.get(name):
+            raise _invalid(errors.InvalidOAuth2, ["oauth2", name],
+                           f"{name} is required for this grant and client authentication")
+    reserved = sorted(set(oauth2.get("extra_params") or {}) & RESERVED_TOKEN_PARAMS)
+    if reserved:
+        raise _invalid(errors.InvalidOAuth2, ["oauth2", "extra_params", reserved[0]],
+                       f"{reserved[0]} is set by the hub; it cannot be an extra parameter")
+    for name in CREDENTIALS:
+        if oauth2.get(name) and not SECRET_ONLY.fullmatch(oauth2[name]):
+            raise _invalid(errors.SecretReferenceRequired, ["oauth2", name],
+                           f"{name} is a credential: store it as a secret and give {{{{secrets.NAME}}}}")
 
 
 def check_url_scheme(url: str, *, allow_http: bool, loc: list[str | int]) -> str:

@@ -280,6 +280,15 @@ class JobResult(BaseModel):
     elapsed_ms: float
 
 
+class AuthResult(BaseModel):
+    """What the auth action found: the token's type, scope and expiry, never the token."""
+
+    token_type: str
+    scope: str | None
+    expires_at: str | None
+    cached: bool
+
+
 class JobErrorPublic(BaseModel):
     """Why a job failed: a stable code and a message without secrets."""
 
@@ -299,7 +308,7 @@ class JobPublic(BaseModel):
     created_at: str
     started_at: str | None
     finished_at: str | None
-    result: JobResult | None
+    result: JobResult | AuthResult | None
     secrets_used: list[str]
     error: JobErrorPublic | None
 

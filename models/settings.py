@@ -40,10 +40,24 @@ class Settings(BaseSettings):
     default_burst: int = 20
     default_max_inflight: int = 100
 
+    tls_ca_file: Path | None = Field(
+        default=None, description="A PEM bundle of the CAs the worker trusts, instead of the system's."
+    )
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 30.0
     write_timeout_s: float = 30.0
     pool_timeout_s: float = 5.0
+
+    token_leeway_s: float = 60.0
+    """A token is dropped from the cache this long before it expires (at most half its life)."""
+    token_default_lifetime_s: float = 300.0
+    """How long a token whose response has no ``expires_in`` is cached."""
+    token_lock_ttl_s: float = 30.0
+    token_wait_s: float = 30.0
+    """How long a job waits for another worker's token request before it gives up."""
+    token_attempts: int = 3
+    """Token requests tried this many times on timeouts, connection errors, 429 and 5xx."""
+    token_backoff_s: float = 0.5
 
     broker_visibility_timeout_s: int = 3600
     queue_name: str = "hub.jobs"

@@ -86,6 +86,8 @@ class Connection(SQLModel, table=True):
     oauth2: dict[str, Any] | None = _json(nullable=True)
     client_certificate: dict[str, str] | None = _json(nullable=True)
     template: dict[str, Any] = _json()
+    version: int = Field(default=1, sa_column_kwargs={"server_default": "1"})
+    """Moves on every change of the connection or its secrets: cached tokens are per version."""
     created_at: datetime = _time()
     updated_at: datetime = _time()
 

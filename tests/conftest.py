@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import fakeredis
+import httpx
 import pytest
 import redis
 import sqlalchemy as sa
@@ -27,8 +29,11 @@ from models.db import make_engine
 from models.migrate import upgrade
 from models.settings import Settings
 from models.tenants import create_tenant, issue_key
-from models.vault import generate_key
+from models.vault import Vault, generate_key
 from tests import processes
+from worker import upstream
+from worker.executor import Runtime
+from worker.tokens import TokenCache
 
 TEST_DATABASE_URL = os.environ.get("HUB_TEST_DATABASE_URL")
 TEST_REDIS_URL = os.environ.get("HUB_TEST_REDIS_URL")
@@ -168,6 +173,27 @@ def test_settings(database_url: str, **overrides: object) -> Settings:
 
 
 test_settings.__test__ = False  # type: ignore[attr-defined]
+
+
+def in_process_runtime(
+    settings: Settings,
+    engine: Engine,
+    transport: httpx.BaseTransport | None,
+    resolve: Callable[[str, int], list[str]],
+    redis_client: redis.Redis | None = None,
+) -> Runtime:
+    """A worker runtime in this process: the given transport (None: real connections, for
+    servers the test runs on loopback) and resolver, and a token cache on fakeredis unless a
+    real client is given."""
+    vault = Vault.from_setting(settings.master_keys_value())
+    return Runtime(
+        settings=settings,
+        engine=engine,
+        client=upstream.build_client(settings, transport=transport),
+        vault=vault,
+        tokens=TokenCache(redis_client or fakeredis.FakeRedis(), vault, settings),
+        resolve=resolve,
+    )
 
 
 @pytest.fixture

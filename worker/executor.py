@@ -1,4 +1,4 @@
-"""Running one job: claim it, load what it needs, render, guard, call, store the outcome.
+"""Running one job: claim it, load what it needs, get its token, render, guard, call, store.
 
 Every path ends with the job in a final state: the service's answer (``succeeded``), or a
 ``failed`` job whose error code says why. A job that is not ``queued`` is left alone, which
@@ -8,7 +8,10 @@ is what makes a redelivered message harmless.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -17,11 +20,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from models import errors, jobs, rules, secrets
+from models.base import rfc3339
 from models.jobs import JobStatus
 from models.settings import Settings
 from models.tables import Connection, Job, Request
 from models.vault import Vault
-from worker import guard, render, upstream
+from worker import credentials, guard, oauth, render, tls, upstream
+from worker.tokens import Cached, TokenCache
 
 log = logging.getLogger("hub.worker")
 
@@ -34,7 +39,51 @@ class Runtime:
     engine: Engine
     client: httpx.Client
     vault: Vault
+    tokens: TokenCache
     resolve: guard.Resolver = guard.system_resolver
+
+    @contextmanager
+    def client_for(self, session: Session, connection: Connection, used: list[str]) -> Iterator[httpx.Client]:
+        """The HTTP client for the connection's calls: the shared one, or, when the connection
+        has a client certificate, one of its own for this job (mutual TLS)."""
+        if not connection.client_certificate:
+            yield self.client
+            return
+        refs = connection.client_certificate
+        names = rules.secret_names(refs)
+        used.extend(names)
+        opened = secrets.open_secrets(session, self.vault, tenant_id=connection.tenant_id,
+                                      connection_id=connection.id, names=names)
+        filled = {part: render.Values({}, opened).fill(refs[part]) for part in ("cert", "key")}
+        with upstream.build_client(self.settings, verify=tls.context(self.settings, filled)) as client:
+            yield client
+
+    def check_destination(self, url: str, connection: Connection) -> None:
+        """Refuse ``url`` unless its scheme is allowed, its host is one of the connection's,
+        and every address it resolves to passes the guard."""
+        parts = urlsplit(url)
+        allowed_schemes = ("https", "http") if self.settings.allow_http else ("https",)
+        if parts.scheme not in allowed_schemes or not parts.hostname:
+            raise errors.Blocked("the URL's scheme is not allowed")
+        if parts.hostname.lower() not in connection.allowed_hosts:
+            raise errors.Blocked("the host is not among the connection's allowed hosts")
+        guard.check_destination(
+            parts.hostname,
+            parts.port or (443 if parts.scheme == "https" else 80),
+            allow_private=self.settings.allow_private_destinations,
+            resolve=self.resolve,
+        )
+
+    def token(self, session: Session, connection: Connection, client: httpx.Client, used: list[str]) -> Cached:
+        """The connection's OAuth token, through the cache's single flight."""
+        return credentials.obtain(
+            session,
+            connection,
+            cache=self.tokens,
+            send=lambda request: oauth.send(client, request),
+            check_destination=lambda url: self.check_destination(url, connection),
+            used=used,
+        )
 
 
 def run_job(job_id: str, runtime: Runtime) -> None:
@@ -49,36 +98,53 @@ def run_job(job_id: str, runtime: Runtime) -> None:
         used: list[str] = []
         try:
             result = _execute(session, job, runtime, used)
-        except (errors.JobError, errors.InvalidInput) as exc:
-            jobs.fail(session, job_id, exc, secrets_used=used)
+        except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
+            jobs.fail(session, job_id, exc, secrets_used=sorted(set(used)))
             log.info("job %s failed: %s", job_id, exc.code)
             return
         except Exception as exc:
             # The type only: an exception's text may quote a URL, a header or a secret.
             log.error("job %s failed unexpectedly: %s", job_id, type(exc).__name__)
             session.rollback()
-            jobs.fail(session, job_id, errors.HubError(), secrets_used=used)
+            jobs.fail(session, job_id, errors.HubError(), secrets_used=sorted(set(used)))
             return
-        jobs.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result, secrets_used=used)
-        log.info("job %s succeeded: HTTP %s", job_id, result["status_code"])
+        jobs.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result, secrets_used=sorted(set(used)))
+        log.info("job %s succeeded", job_id)
 
 
 def _execute(session: Session, job: Job, runtime: Runtime, used: list[str]) -> dict[str, Any]:
     connection = session.get(Connection, job.connection_id)
-    request = session.get(Request, job.request_id) if job.request_id else None
-    if (
-        connection is None
-        or request is None
-        or connection.tenant_id != job.tenant_id
-        or request.connection_id != connection.id
-    ):
+    if connection is None or connection.tenant_id != job.tenant_id:
         raise errors.ReferenceGone()
-    if connection.template.get("auth_type") == "oauth2":
-        raise errors.NotImplementedYet("OAuth 2.0 authentication is not supported yet.")
-    settings = runtime.settings
+    if job.action == "auth":
+        return _auth(session, connection, runtime, used)
+    request = session.get(Request, job.request_id) if job.request_id else None
+    if request is None or request.connection_id != connection.id:
+        raise errors.ReferenceGone()
+    with runtime.client_for(session, connection, used) as client:
+        token = runtime.token(session, connection, client, used) if credentials.token_required(connection) else None
+        captured = _call(session, job, connection, request, runtime, client, used, token)
+        if captured.status_code == 401 and token is not None and token.cached:
+            # The service refused a token another job had cached: drop it, get a fresh one, once.
+            runtime.tokens.drop(credentials.slot(connection), token)
+            token = runtime.token(session, connection, client, used)
+            captured = _call(session, job, connection, request, runtime, client, used, token)
+    return upstream.result_document(captured)
+
+
+def _call(
+    session: Session,
+    job: Job,
+    connection: Connection,
+    request: Request,
+    runtime: Runtime,
+    client: httpx.Client,
+    used: list[str],
+    token: Cached | None,
+) -> upstream.Captured:
     names = rules.secret_names(request.url, request.headers, request.query, request.body,
                                connection.auth_header_values)
-    used.extend(sorted(names))
+    used.extend(names)
     opened = secrets.open_secrets(session, runtime.vault, tenant_id=job.tenant_id,
                                   connection_id=connection.id, names=names)
     outgoing = render.render(
@@ -93,20 +159,24 @@ def _execute(session: Session, job: Job, runtime: Runtime, used: list[str]) -> d
         path_params=job.params.get("path_params", {}),
         variables=job.params.get("variables", {}),
         secrets=opened,
+        token=token.token.access_token if token else None,
     )
+    if token is not None and not any(name.lower() == "authorization" for name in outgoing.headers):
+        outgoing.headers["Authorization"] = f"{token.token.token_type} {token.token.access_token}"
     if outgoing.method not in connection.template["verbs"]:
         raise errors.VerbNotAllowed()
-    parts = urlsplit(outgoing.url)
-    allowed_schemes = ("https", "http") if settings.allow_http else ("https",)
-    if parts.scheme not in allowed_schemes or not parts.hostname:
-        raise errors.Blocked("the URL's scheme is not allowed")
-    if parts.hostname.lower() not in connection.allowed_hosts:
-        raise errors.Blocked("the host is not among the connection's allowed hosts")
-    guard.check_destination(
-        parts.hostname,
-        parts.port or (443 if parts.scheme == "https" else 80),
-        allow_private=settings.allow_private_destinations,
-        resolve=runtime.resolve,
-    )
-    captured = upstream.send(runtime.client, outgoing, cap=settings.response_cap_bytes)
-    return upstream.result_document(captured)
+    runtime.check_destination(outgoing.url, connection)
+    return upstream.send(client, outgoing, cap=runtime.settings.response_cap_bytes)
+
+
+def _auth(session: Session, connection: Connection, runtime: Runtime, used: list[str]) -> dict[str, Any]:
+    """CONNECTAUTH: the connection's token request as defined; the result never holds the token."""
+    if not credentials.token_required(connection):
+        raise errors.InvalidOAuth2("the connection does not use OAuth 2.0")
+    with runtime.client_for(session, connection, used) as client:
+        found = runtime.token(session, connection, client, used)
+    expires_at = None
+    if found.expires_at is not None:
+        expires_at = rfc3339(datetime.fromtimestamp(found.expires_at, tz=timezone.utc))
+    return {"token_type": found.token.token_type, "scope": found.token.scope,
+            "expires_at": expires_at, "cached": found.cached}

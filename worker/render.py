@@ -35,12 +35,17 @@ class Values:
 
     variables: Mapping[str, Any]
     secrets: Mapping[str, str]
+    token: str | None = None
 
     def lookup(self, match: re.Match[str]) -> Any:
         """The value a placeholder match stands for."""
         if match.group("var") is not None:
             return self.variables[match.group("var")]
-        return self.secrets[match.group("secret")]
+        if match.group("secret") is not None:
+            return self.secrets[match.group("secret")]
+        if self.token is None:
+            raise errors.MissingVariable("{{token}} needs a connection that uses OAuth 2.0")
+        return self.token
 
     def fill(self, text: str, encode: Callable[[str], str] = str) -> str:
         """``text`` with its placeholders filled in, each value passed through ``encode``."""
@@ -90,6 +95,7 @@ def render(
     path_params: dict[str, Any],
     variables: dict[str, Any],
     secrets: Mapping[str, str] | None = None,
+    token: str | None = None,
 ) -> Outgoing:
     """The request to send, with every placeholder filled in.
 
@@ -104,7 +110,7 @@ def render(
     for name in sorted(rules.secret_names(url, headers, query, body, auth_header_values)):
         if name not in secrets:
             raise errors.SecretMissing(f"the connection has no secret {name!r}")
-    values = Values(variables, secrets)
+    values = Values(variables, secrets, token)
     rendered_headers = {k: values.fill(v) for k, v in {**auth_header_values, **headers}.items()}
     content = None
     if body is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+import redis
+
 from models.db import get_engine
 from models.settings import get_settings
 from models.vault import Vault
@@ -12,6 +14,7 @@ from worker import upstream
 from worker.celery_app import app
 from worker.executor import Runtime, run_job
 from worker.keys import EXECUTE_TASK
+from worker.tokens import TokenCache
 
 # httpx logs every request's URL at INFO, and a URL may carry a secret or a token.
 logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -24,11 +27,13 @@ def runtime() -> Runtime:
     current = _runtimes.get(os.getpid())
     if current is None:
         settings = get_settings()
+        vault = Vault.from_setting(settings.master_keys_value())
         current = _runtimes[os.getpid()] = Runtime(
             settings=settings,
             engine=get_engine(settings.effective_database_url()),
             client=upstream.build_client(settings),
-            vault=Vault.from_setting(settings.master_keys_value()),
+            vault=vault,
+            tokens=TokenCache(redis.Redis.from_url(settings.effective_redis_url()), vault, settings),
         )
     return current
 

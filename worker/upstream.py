@@ -18,6 +18,7 @@ import httpx
 
 from models import errors
 from models.settings import Settings
+from worker import tls
 from worker.render import Outgoing
 
 USER_AGENT = "integration-hub/0.1"
@@ -36,8 +37,11 @@ class Captured:
     elapsed_ms: float
 
 
-def build_client(settings: Settings, transport: httpx.BaseTransport | None = None) -> httpx.Client:
-    """The worker's HTTP client: explicit timeouts, no redirects followed, no proxy from the env."""
+def build_client(
+    settings: Settings, transport: httpx.BaseTransport | None = None, verify: ssl.SSLContext | None = None
+) -> httpx.Client:
+    """The worker's HTTP client: explicit timeouts, no redirects followed, no proxy from the
+    environment, the CAs of ``HUB_TLS_CA_FILE`` if set (or ``verify``, a context of its own)."""
     timeout = httpx.Timeout(
         connect=settings.connect_timeout_s,
         read=settings.read_timeout_s,
@@ -49,6 +53,7 @@ def build_client(settings: Settings, transport: httpx.BaseTransport | None = Non
         follow_redirects=False,
         trust_env=False,
         transport=transport,
+        verify=verify or tls.context(settings),
         headers={"User-Agent": USER_AGENT},
     )
 
@@ -114,13 +119,24 @@ def translate(exc: httpx.HTTPError) -> errors.UpstreamError:
         return errors.WriteTimeout()
     if isinstance(exc, httpx.PoolTimeout):
         return errors.PoolTimeout()
+    if _caused_by_tls(exc) or (isinstance(exc, httpx.ConnectError) and "certificate" in str(exc)):
+        return errors.TlsError()  # a failed handshake, or a peer refusing our certificate after it
     if isinstance(exc, httpx.ConnectError):
-        if isinstance(exc.__context__, ssl.SSLError) or "SSL" in str(exc) or "certificate" in str(exc):
-            return errors.TlsError()
         return errors.ConnectionRefused()
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.DecodingError)):
         return errors.ProtocolError()
     return errors.UpstreamError()
+
+
+def _caused_by_tls(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def result_document(captured: Captured) -> dict[str, Any]:

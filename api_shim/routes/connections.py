@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, by_id_or_name
 from api_shim.problems import RESPONSES
+from api_shim.tokens import drop_cached_tokens, new_version
 from models import errors, rules
 from models.base import utcnow
 from models.db import lock_row
@@ -32,9 +35,11 @@ def count(session: Session, model: Any, *where: Any) -> int:
     return int(session.exec(select(sa.func.count()).select_from(model).where(*where)).one())
 
 
-def commit_unique(session: Session, message: str) -> None:
-    """Commit; a unique-name violation becomes ``409 name_taken``."""
+@contextmanager
+def unique_name(session: Session, message: str) -> Iterator[None]:
+    """Run the block and commit; a unique-name violation on the way becomes ``409 name_taken``."""
     try:
+        yield
         session.commit()
     except IntegrityError as exc:
         session.rollback()
@@ -68,8 +73,8 @@ def create_connection(
         template=rules_copy,
         **checked,
     )
-    session.add(row)
-    commit_unique(session, f"a connection named {body.name!r} exists")
+    with unique_name(session, f"a connection named {body.name!r} exists"):
+        session.add(row)
     return connection_public(row)
 
 
@@ -88,7 +93,12 @@ def get_connection(connection: str, session: SessionDep, tenant: CurrentTenant) 
 
 @router.patch("/{connection}", response_model=ConnectionPublic)
 def update_connection(
-    connection: str, body: ConnectionUpdate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep
+    connection: str,
+    body: ConnectionUpdate,
+    request: Request,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
 ) -> dict[str, Any]:
     """Change a connection; the result is checked again as a whole against its template's rules.
 
@@ -115,14 +125,19 @@ def update_connection(
     for field, value in checked.items():
         setattr(row, field, value)
     row.updated_at = utcnow()
-    session.add(row)
-    commit_unique(session, f"a connection named {row.name!r} exists")
+    with unique_name(session, f"a connection named {row.name!r} exists"):
+        session.add(row)
+        old_version = new_version(session, row)
+    drop_cached_tokens(request, row, old_version)
     return connection_public(row)
 
 
 @router.delete("/{connection}", status_code=204)
-def delete_connection(connection: str, session: SessionDep, tenant: CurrentTenant) -> Response:
-    """Remove a connection with its requests and secrets (the database cascades)."""
-    session.delete(by_id_or_name(session, Connection, connection, tenant_id=tenant.id))
+def delete_connection(connection: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> Response:
+    """Remove a connection with its requests and secrets (the database cascades) and its
+    cached tokens."""
+    row = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
+    session.delete(row)
     session.commit()
+    drop_cached_tokens(request, row, row.version)
     return Response(status_code=204)

@@ -23,16 +23,18 @@ router = APIRouter(prefix="/v1/executions", tags=["executions"], responses=RESPO
 
 @router.post("", status_code=202, response_model=JobPublic)
 def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    """Queue a job that runs a stored request of a connection."""
+    """Queue a job: a stored request of a connection, or its token request (``"action": "auth"``)."""
     shapes = [name for name in ("request", "action", "adhoc") if getattr(body, name) is not None]
     if len(shapes) != 1:
         raise errors.InvalidInput(
             "give exactly one of request, action, adhoc",
             errors=[{"loc": ["body"], "msg": "give exactly one of request, action, adhoc"}],
         )
-    if shapes[0] != "request":
-        raise errors.NotImplementedYet(f"executions with {shapes[0]!r} are not supported yet")
+    if shapes[0] == "adhoc":
+        raise errors.NotImplementedYet("ad-hoc executions are not supported yet")
     connection = by_id_or_name(session, Connection, body.connection, tenant_id=tenant.id)
+    if shapes[0] == "action":
+        return _queue(request, session, _auth_job(body, connection))
     assert body.request is not None
     stored = by_id_or_name(session, StoredRequest, body.request, connection_id=connection.id)
     placeholders = rules.caller_placeholders(stored.url, stored.headers, stored.query, stored.body)
@@ -62,6 +64,23 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
         params={"path_params": body.path_params, "variables": body.variables},
         secrets_used=[],
     )
+    return _queue(request, session, job)
+
+
+def _auth_job(body: ExecutionCreate, connection: Connection) -> Job:
+    """CONNECTAUTH: run the connection's token request as defined."""
+    if body.action != "auth":
+        raise errors.InvalidInput(
+            "the only action is 'auth'", errors=[{"loc": ["body", "action"], "msg": "must be 'auth'"}]
+        )
+    if connection.template.get("auth_type") != "oauth2":
+        raise errors.InvalidOAuth2("the connection does not use OAuth 2.0: it has no token request")
+    return Job(tenant_id=connection.tenant_id, connection_id=connection.id, action="auth",
+               status=JobStatus.QUEUED.value, params={}, secrets_used=[])
+
+
+def _queue(request: Request, session: Session, job: Job) -> dict[str, Any]:
+    """Store the job, then send its id to the workers; a job that cannot be sent is failed."""
     session.add(job)
     session.commit()
     try:

@@ -9,7 +9,7 @@ from sqlmodel import select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, SettingsDep, by_id_or_name
 from api_shim.problems import RESPONSES
-from api_shim.routes.connections import commit_unique, count
+from api_shim.routes.connections import count, unique_name
 from models import errors, rules
 from models.base import utcnow
 from models.db import lock_row
@@ -51,8 +51,8 @@ def create_request(
     if count(session, Request, Request.connection_id == owner.id) >= rules.MAX_REQUESTS_PER_CONNECTION:
         raise errors.RequestLimitReached()
     row = Request(tenant_id=tenant.id, connection_id=owner.id, **values)
-    session.add(row)
-    commit_unique(session, f"the connection has a request named {body.name!r}")
+    with unique_name(session, f"the connection has a request named {body.name!r}"):
+        session.add(row)
     return request_public(row)
 
 
@@ -87,8 +87,8 @@ def update_request(
     for field, value in _checked(values, owner, settings).items():
         setattr(row, field, value)
     row.updated_at = utcnow()
-    session.add(row)
-    commit_unique(session, f"the connection has a request named {row.name!r}")
+    with unique_name(session, f"the connection has a request named {row.name!r}"):
+        session.add(row)
     return request_public(row)
 
 

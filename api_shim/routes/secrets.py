@@ -9,6 +9,7 @@ from sqlmodel import select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
+from api_shim.tokens import drop_cached_tokens, new_version
 from models import errors, secrets
 from models.schemas import Page, SecretPublic, SecretPut, secret_public
 from models.tables import Connection, Secret
@@ -24,8 +25,15 @@ def put_secret(
     owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
     secrets.put(session, request.app.state.vault, tenant_id=tenant.id, connection_id=owner.id,
                 name=name, value=body.value)
-    session.commit()
+    _changed(request, session, owner)
     return Response(status_code=204)
+
+
+def _changed(request: Request, session: SessionDep, owner: Connection) -> None:
+    """A secret changed: the connection moves to a new version and its cached token goes."""
+    old_version = new_version(session, owner)
+    session.commit()
+    drop_cached_tokens(request, owner, old_version)
 
 
 @router.get("", response_model=Page[SecretPublic])
@@ -37,7 +45,7 @@ def list_secrets(connection: str, session: SessionDep, tenant: CurrentTenant, pa
 
 
 @router.delete("/{name}", status_code=204)
-def delete_secret(connection: str, name: str, session: SessionDep, tenant: CurrentTenant) -> Response:
+def delete_secret(connection: str, name: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> Response:
     """Remove a secret of the connection."""
     secrets.check_name(name)
     owner = by_id_or_name(session, Connection, connection, tenant_id=tenant.id)
@@ -45,5 +53,5 @@ def delete_secret(connection: str, name: str, session: SessionDep, tenant: Curre
     if row is None:
         raise errors.NotFound(f"the connection has no secret {name!r}")
     session.delete(row)
-    session.commit()
+    _changed(request, session, owner)
     return Response(status_code=204)

@@ -15,7 +15,6 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from models.vault import Vault
 from tests.api.helpers import (
     assert_problem,
     error_locs,
@@ -24,9 +23,8 @@ from tests.api.helpers import (
     make_template,
     template_body,
 )
-from tests.conftest import TEST_MASTER_KEY, test_settings
-from worker import upstream
-from worker.executor import Runtime, run_job
+from tests.conftest import in_process_runtime, test_settings
+from worker.executor import run_job
 
 PUBLIC_ADDRESS = "93.184.215.14"
 REQUIRED_KEY = [{"name": "X-Client-Key", "required": True, "default": None}]
@@ -372,15 +370,8 @@ def test_a_connection_keeps_working_after_its_template_is_deleted(api, database_
         return httpx.Response(200, json={"records": []})
 
     settings = test_settings(database_url, allow_private_destinations=False, allow_http=False)
-    client = upstream.build_client(settings, transport=httpx.MockTransport(service))
-    runtime = Runtime(
-        settings=settings,
-        engine=api.engine,
-        client=client,
-        vault=Vault.from_setting(TEST_MASTER_KEY),
-        resolve=lambda host, port: [PUBLIC_ADDRESS],
-    )
-    with client:
+    runtime = in_process_runtime(settings, api.engine, httpx.MockTransport(service), lambda host, port: [PUBLIC_ADDRESS])
+    with runtime.client:
         run_job(job_id, runtime)
     # Then: the service got the request, with the auth header the template required
     assert len(seen) == 1

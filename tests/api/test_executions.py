@@ -144,17 +144,9 @@ def test_a_path_parameter_cannot_send_a_request_to_another_host(api, connection)
     assert api.queue.sent == []
 
 
-@pytest.mark.parametrize(
-    "shape",
-    [
-        {"action": "auth"},
-        {"adhoc": {"method": "GET", "url": "/accounts", "headers": {}, "query": {}, "body": None}},
-    ],
-    ids=["action", "adhoc"],
-)
-def test_auth_actions_and_adhoc_requests_are_not_implemented_yet(api, connection, shape):
-    # When: a client asks for an execution shape the hub does not run yet
-    response = submit(api, connection="sfdc-prod", **shape)
+def test_adhoc_requests_are_not_implemented_yet(api, connection):
+    # When: a client asks for an ad-hoc request, which the hub does not run yet
+    response = submit(api, connection="sfdc-prod", adhoc={"method": "GET", "url": "/accounts"})
     # Then: 422 not_implemented, nothing queued, no job
     assert_problem(response, 422, "not_implemented")
     assert api.queue.sent == []

@@ -22,9 +22,8 @@ from sqlmodel import Session
 from models import secrets
 from models.vault import Sealed, Vault
 from tests.api.helpers import assert_problem, error_locs, list_all, make_connection, make_request, make_template
-from tests.conftest import TEST_MASTER_KEY, test_settings
-from worker import upstream
-from worker.executor import Runtime, run_job
+from tests.conftest import TEST_MASTER_KEY, in_process_runtime, test_settings
+from worker.executor import run_job
 
 SECRET = "s3cr3t-Value-7f9c2e-do-not-show"
 OTHER_SECRET = "an0ther-Value-41b8aa-do-not-show"
@@ -336,15 +335,8 @@ def test_a_job_sends_the_secret_but_never_shows_it(api, connection, database_url
         return httpx.Response(200, json={"user": "me"})
 
     settings = test_settings(database_url, allow_private_destinations=False, allow_http=False)
-    client = upstream.build_client(settings, transport=httpx.MockTransport(service))
-    runtime = Runtime(
-        settings=settings,
-        engine=api.engine,
-        client=client,
-        vault=Vault.from_setting(TEST_MASTER_KEY),
-        resolve=lambda host, port: [PUBLIC_ADDRESS],
-    )
-    with client:
+    runtime = in_process_runtime(settings, api.engine, httpx.MockTransport(service), lambda host, port: [PUBLIC_ADDRESS])
+    with runtime.client:
         run_job(job_id, runtime)
     # Then: the web service got the secret's value in the header, once
     assert len(seen) == 1

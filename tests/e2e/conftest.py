@@ -22,6 +22,9 @@ from tests.conftest import TEST_MASTER_KEY
 pytestmark = pytest.mark.e2e
 
 
+WORKERS = ("worker-1", "worker-2")
+
+
 @dataclass
 class Stack:
     """URLs and the API key of a running stack, and where its logs are."""
@@ -35,6 +38,10 @@ class Stack:
     def headers(self) -> dict[str, str]:
         """The tenant's Authorization header."""
         return {"Authorization": f"Bearer {self.key}"}
+
+    def worker_logs(self) -> str:
+        """What every worker process logged so far."""
+        return "".join((self.logs / f"{name}.log").read_text(errors="replace") for name in WORKERS)
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +79,11 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: pyt
         started.append(api)
         processes.wait_until(lambda: processes.http_ok(f"http://127.0.0.1:{api_port}/readyz"),
                              "api", process=api, log=logs / "api.log")
-        worker = processes.start([*processes.HUB, "worker", "-c", "2"], env, logs / "worker.log")
-        started.append(worker)
-        processes.wait_until(lambda: b"ready." in (logs / "worker.log").read_bytes(),
-                             "worker", process=worker, log=logs / "worker.log")
+        for name in WORKERS:  # two worker processes, two slots each, as a scaled deployment has
+            log = logs / f"{name}.log"
+            worker = processes.start([*processes.HUB, "worker", "-c", "2", "-n", f"{name}@%h"], env, log)
+            started.append(worker)
+            processes.wait_until(lambda log=log: b"ready." in log.read_bytes(), name, process=worker, log=log)
         yield Stack(f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{upstream_port}", key, env, logs)
     finally:
         for process in reversed(started):

@@ -111,6 +111,19 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
     # and the vault's key was made in the data directory, readable by its owner alone
     assert (dev.data_dir / "master.key").stat().st_mode & 0o777 == 0o600
 
+    # When the README's OAuth 2.0 section runs too
+    oauth = run_walkthrough(dev.api, dev.key, dev.upstream, dict(os.environ), name="walkthrough-oauth")
+    assert oauth.returncode == 0, oauth.stderr + oauth.stdout
+    # Then the auth action showed the token's details but not the token, and the request got in
+    printed = [json.loads(line) for line in oauth.stdout.strip().splitlines() if line.startswith("{")]
+    auth_job = next(item for item in printed if item.get("action") == "auth")
+    request_job = printed[-1]
+    assert auth_job["action"] == "auth" and auth_job["status"] == "succeeded", auth_job
+    assert auth_job["result"]["token_type"] == "Bearer" and auth_job["result"]["scope"] == "api"
+    assert request_job["status"] == "succeeded" and request_job["result"]["status_code"] == 200, request_job
+    assert json.loads(request_job["result"]["body"])["ok"] is True
+    assert "demo-at-" not in oauth.stdout  # the demo server's tokens begin so
+
     # and Flower shows the job's task, whose only argument is the job id
     def task_seen() -> bool:
         tasks = httpx.get(f"{dev.flower}/api/tasks", timeout=5).json()

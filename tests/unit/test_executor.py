@@ -17,8 +17,7 @@ from models import errors, secrets
 from models.base import as_utc
 from models.tables import Connection, Job, Request
 from models.vault import Vault
-from tests.conftest import TEST_MASTER_KEY, new_tenant, test_settings
-from worker import upstream
+from tests.conftest import TEST_MASTER_KEY, in_process_runtime, new_tenant, test_settings
 from worker.executor import Runtime, run_job
 
 PUBLIC_ADDRESS = "93.184.215.14"
@@ -66,9 +65,8 @@ class World:
         values: dict[str, Any] = {"allow_private_destinations": False, "allow_http": False}
         values.update(settings)
         config = test_settings(self.database_url, **values)
-        client = upstream.build_client(config, transport=httpx.MockTransport(self.upstream.handler))
-        vault = Vault.from_setting(config.master_keys_value())
-        return Runtime(settings=config, engine=self.engine, client=client, vault=vault, resolve=self.upstream.resolve)
+        return in_process_runtime(config, self.engine, httpx.MockTransport(self.upstream.handler),
+                                  self.upstream.resolve)
 
     def put_secret(self, name: str, value: str) -> None:
         with Session(self.engine) as session:
@@ -405,17 +403,6 @@ def test_unexpected_exception_fails_with_a_generic_message(world: World) -> None
     _failed(job, "internal_error")
     assert job.error == {"code": "internal_error", "message": errors.HubError().message}
     assert "hunter2" not in json.dumps(job.error)
-
-
-def test_oauth2_connection_fails_as_not_implemented(world: World) -> None:
-    # Given a connection whose template uses OAuth 2.0
-    world.change_connection(template={**TEMPLATE, "auth_type": "oauth2"})
-    job_id = world.job(params=PARAMS)
-    # When the job runs
-    job = world.run(job_id)
-    # Then it failed with not_implemented and nothing was sent
-    _failed(job, "not_implemented")
-    assert world.upstream.requests == []
 
 
 def test_secrets_fill_url_headers_query_body_and_auth_headers(world: World) -> None:

@@ -307,3 +307,22 @@ def test_url_without_host_is_refused() -> None:
         rules.check_url_scheme("https:///path", allow_http=False, loc=["url"])
     # Then it is refused with invalid_url
     assert caught.value.code == "invalid_url"
+
+
+@pytest.mark.parametrize("name", ["grant_type", "client_secret", "client_assertion", "scope"])
+def test_extra_params_cannot_set_what_the_hub_sets(name: str) -> None:
+    # Given OAuth settings whose extra parameters name a parameter the hub sets itself
+    oauth2 = {"grant_type": "client_credentials", "token_url": "https://login.example.com/token",
+              "client_id": "cid", "client_secret": "{{secrets.s}}", "extra_params": {name: "x"}}
+    # When they are checked, then they are refused, pointing at that parameter
+    with pytest.raises(errors.InvalidOAuth2) as caught:
+        rules.check_oauth2("oauth2", oauth2)
+    assert caught.value.extra["errors"][0]["loc"] == ["body", "oauth2", "extra_params", name]
+
+
+def test_oauth2_credentials_must_be_secret_references() -> None:
+    # Given a client secret typed in as text, then it is refused: credentials live in secrets
+    oauth2 = {"grant_type": "client_credentials", "token_url": "https://login.example.com/token",
+              "client_id": "cid", "client_secret": "plain-text"}
+    with pytest.raises(errors.SecretReferenceRequired):
+        rules.check_oauth2("oauth2", oauth2)
