@@ -130,6 +130,10 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
         return any(t.get("args") == repr([job["id"]]) and t.get("name") == "hub.execute" for t in tasks.values())
 
     processes.wait_until(task_seen, "the task in Flower", timeout=20)
+    # and Flower's task list holds no token, no client secret and no secret value
+    flower_tasks = httpx.get(f"{dev.flower}/api/tasks", timeout=5).text
+    for needle in ("demo-at-", "demo-secret", "walk-through-key"):
+        assert needle not in flower_tasks, needle
 
     # When it gets SIGTERM, it stops and no process it started is left
     _stops_cleanly(dev, signal.SIGTERM)
