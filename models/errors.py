@@ -296,6 +296,18 @@ class TlsError(UpstreamError):
     code = "tls_error"
 
 
+class TooManyRedirects(UpstreamError):
+    """The web service redirected more than 5 times."""
+
+    code = "too_many_redirects"
+
+
+class InvalidHeader(JobError):
+    """A header value would hold a line break once its placeholders are filled in."""
+
+    code = "invalid_header"
+
+
 class ProtocolError(UpstreamError):
     """The web service's answer was not valid HTTP."""
 

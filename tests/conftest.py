@@ -31,7 +31,7 @@ from models.settings import Settings
 from models.tenants import create_tenant, issue_key
 from models.vault import Vault, generate_key
 from tests import processes
-from worker import upstream
+from worker import guard, tls, upstream
 from worker.executor import Runtime
 from worker.tokens import TokenCache
 
@@ -189,7 +189,7 @@ def in_process_runtime(
     return Runtime(
         settings=settings,
         engine=engine,
-        client=upstream.build_client(settings, transport=transport),
+        client=upstream.build_client(settings, transport=transport or guard.PinnedTransport(tls.context(settings))),
         vault=vault,
         tokens=TokenCache(redis_client or fakeredis.FakeRedis(), vault, settings),
         resolve=resolve,

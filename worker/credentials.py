@@ -19,8 +19,6 @@ from models.tables import Connection
 from worker import oauth
 from worker.tokens import Cached, Slot, TokenCache
 
-DestinationCheck = Callable[[str], None]
-
 
 def slot(connection: Connection) -> Slot:
     """Where the connection's current token is cached."""
@@ -33,11 +31,11 @@ def obtain(
     *,
     cache: TokenCache,
     send: Callable[[oauth.TokenRequest], oauth.Token],
-    check_destination: DestinationCheck,
     used: list[str],
 ) -> Cached:
-    """The connection's token, fetched only when no worker has it cached."""
-    return cache.obtain(slot(connection), lambda: _fetch(session, connection, cache, send, check_destination, used))
+    """The connection's token, fetched only when no worker has it cached. ``send`` sends a
+    token request (to a checked destination only)."""
+    return cache.obtain(slot(connection), lambda: _fetch(session, connection, cache, send, used))
 
 
 def _fetch(
@@ -45,7 +43,6 @@ def _fetch(
     connection: Connection,
     cache: TokenCache,
     send: Callable[[oauth.TokenRequest], oauth.Token],
-    check_destination: DestinationCheck,
     used: list[str],
 ) -> oauth.Token:
     settings = cache.settings
@@ -55,7 +52,6 @@ def _fetch(
     opened = secrets.open_secrets(session, cache.vault, tenant_id=connection.tenant_id,
                                   connection_id=connection.id, names=names)
     request = oauth.build(oauth2, secrets=opened, auth_headers=connection.auth_header_values)
-    check_destination(request.url)
     for attempt in range(1, settings.token_attempts + 1):
         try:
             token = send(request)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 from sqlalchemy.engine import Engine
@@ -55,35 +55,63 @@ class Runtime:
         opened = secrets.open_secrets(session, self.vault, tenant_id=connection.tenant_id,
                                       connection_id=connection.id, names=names)
         filled = {part: render.Values({}, opened).fill(refs[part]) for part in ("cert", "key")}
-        with upstream.build_client(self.settings, verify=tls.context(self.settings, filled)) as client:
+        transport = guard.PinnedTransport(tls.context(self.settings, filled))
+        with upstream.build_client(self.settings, transport=transport) as client:
             yield client
 
-    def check_destination(self, url: str, connection: Connection) -> None:
-        """Refuse ``url`` unless its scheme is allowed, its host is one of the connection's,
-        and every address it resolves to passes the guard."""
+    def destination(self, url: str, connection: Connection) -> tuple[str, int, list[str]]:
+        """Where ``url`` may be reached: its host, port and the checked addresses to connect
+        to. Refused unless the scheme is allowed, the host is one of the connection's, and
+        every address the host resolves to passes the guard."""
         parts = urlsplit(url)
         allowed_schemes = ("https", "http") if self.settings.allow_http else ("https",)
         if parts.scheme not in allowed_schemes or not parts.hostname:
             raise errors.Blocked("the URL's scheme is not allowed")
         if parts.hostname.lower() not in connection.allowed_hosts:
             raise errors.Blocked("the host is not among the connection's allowed hosts")
-        guard.check_destination(
-            parts.hostname,
-            parts.port or (443 if parts.scheme == "https" else 80),
-            allow_private=self.settings.allow_private_destinations,
-            resolve=self.resolve,
-        )
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = guard.checked_addresses(parts.hostname, port, resolve=self.resolve,
+                                            allow_private=self.settings.allow_private_destinations)
+        return parts.hostname, port, addresses
+
+    def send_checked(self, client: httpx.Client, outgoing: render.Outgoing, connection: Connection) -> upstream.Captured:
+        """Send ``outgoing`` to its checked address, following up to ``MAX_REDIRECTS`` redirects
+        by hand, each hop checked again; credentials stay behind when the host changes."""
+        for _ in range(MAX_REDIRECTS + 1):
+            with guard.pinned(*self.destination(outgoing.url, connection)):
+                captured = upstream.send(client, outgoing, cap=self.settings.response_cap_bytes)
+            location = captured.headers.get("location")
+            if captured.status_code not in REDIRECTS or not location:
+                return captured
+            outgoing = redirected(outgoing, captured.status_code, location)
+        raise errors.TooManyRedirects()
 
     def token(self, session: Session, connection: Connection, client: httpx.Client, used: list[str]) -> Cached:
         """The connection's OAuth token, through the cache's single flight."""
-        return credentials.obtain(
-            session,
-            connection,
-            cache=self.tokens,
-            send=lambda request: oauth.send(client, request),
-            check_destination=lambda url: self.check_destination(url, connection),
-            used=used,
-        )
+
+        def send(request: oauth.TokenRequest) -> oauth.Token:
+            with guard.pinned(*self.destination(request.url, connection)):
+                return oauth.send(client, request)
+
+        return credentials.obtain(session, connection, cache=self.tokens, send=send, used=used)
+
+
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+
+
+def redirected(outgoing: render.Outgoing, status: int, location: str) -> render.Outgoing:
+    """The request a redirect asks for: 303 (and 301/302 after a POST) become a GET without a
+    body; a new host gets no Authorization or Cookie header."""
+    url = urljoin(outgoing.url, location)
+    method, content, headers = outgoing.method, outgoing.content, dict(outgoing.headers)
+    if status == 303 or (status in (301, 302) and method == "POST"):
+        method = "GET" if method != "HEAD" else "HEAD"
+        content = None
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+    if urlsplit(url).netloc.lower() != urlsplit(outgoing.url).netloc.lower():
+        headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
+    return render.Outgoing(method=method, url=url, headers=headers, query={}, content=content)
 
 
 def run_job(job_id: str, runtime: Runtime) -> None:
@@ -165,8 +193,7 @@ def _call(
         outgoing.headers["Authorization"] = f"{token.token.token_type} {token.token.access_token}"
     if outgoing.method not in connection.template["verbs"]:
         raise errors.VerbNotAllowed()
-    runtime.check_destination(outgoing.url, connection)
-    return upstream.send(client, outgoing, cap=runtime.settings.response_cap_bytes)
+    return runtime.send_checked(client, outgoing, connection)
 
 
 def _auth(session: Session, connection: Connection, runtime: Runtime, used: list[str]) -> dict[str, Any]:

@@ -1,15 +1,24 @@
 """The destination guard: outbound calls go only to public addresses unless configured otherwise.
 
 The decision is a plain function over addresses (:func:`is_allowed_address`), so tests check
-it on addresses as data without opening any connection.
+it on addresses as data without opening any connection. The worker resolves a host once
+(:func:`checked_address`) and connects to that very address (:func:`pinned` with
+:class:`PinnedTransport`), so a DNS answer that changes between check and connect cannot send
+it elsewhere; each redirect hop is checked the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+import ssl
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+
+import httpcore
+import httpx
 
 from models import errors
 
@@ -43,12 +52,75 @@ def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
-def check_destination(
-    host: str, port: int, *, allow_private: bool, resolve: Resolver = system_resolver
-) -> None:
-    """Raise :class:`~models.errors.Blocked` if any address ``host`` resolves to is refused."""
-    if allow_private:
-        return
-    for address in resolve(host, port):
-        if not is_allowed_address(address, allow_private=False):
+# --- connecting only to checked addresses ----------------------------------------------------
+
+_PINS: contextvars.ContextVar[dict[tuple[str, int], list[str]] | None] = contextvars.ContextVar("hub_pins", default=None)
+
+
+def checked_addresses(host: str, port: int, *, allow_private: bool, resolve: Resolver = system_resolver) -> list[str]:
+    """Resolve ``host`` once; the addresses to connect to, every one of them allowed
+    (:class:`~models.errors.Blocked` if any is not)."""
+    literal = host.strip("[]")
+    try:
+        addresses = [str(ipaddress.ip_address(literal.split("%", 1)[0]))]
+    except ValueError:
+        addresses = list(dict.fromkeys(resolve(host, port)))
+    if not addresses:
+        raise errors.ConnectionRefused(f"could not resolve host {host!r}")
+    for address in addresses:
+        if not is_allowed_address(address, allow_private=allow_private):
             raise errors.Blocked(f"{host!r} resolves to a non-public address")
+    return addresses
+
+
+@contextlib.contextmanager
+def pinned(host: str, port: int, addresses: list[str]) -> Iterator[None]:
+    """Within the block, a connection to ``host:port`` goes to ``addresses`` (tried in order)
+    and nowhere else."""
+    token = _PINS.set({(host.strip("[]").lower(), port): addresses})
+    try:
+        yield
+    finally:
+        _PINS.reset(token)
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """httpcore's network backend, connecting to the address the guard checked (no second DNS
+    lookup between check and connect). Outside :func:`pinned` it refuses to connect at all."""
+
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        pins = _PINS.get() or {}
+        addresses = pins.get((host.strip("[]").lower(), port))
+        if not addresses:
+            raise httpcore.ConnectError(f"no checked address for {host}:{port}")
+        for address in addresses[:-1]:
+            try:
+                return self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout):
+                continue
+        return self._inner.connect_tcp(addresses[-1], port, timeout, local_address, socket_options)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not a destination")
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class PinnedTransport(httpx.HTTPTransport):
+    """httpx's transport on a connection pool whose backend is :class:`PinnedBackend`."""
+
+    def __init__(self, ssl_context: ssl.SSLContext) -> None:
+        super().__init__(verify=ssl_context)
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=PinnedBackend())

@@ -112,6 +112,9 @@ def render(
             raise errors.SecretMissing(f"the connection has no secret {name!r}")
     values = Values(variables, secrets, token)
     rendered_headers = {k: values.fill(v) for k, v in {**auth_header_values, **headers}.items()}
+    for name, value in rendered_headers.items():
+        if "\r" in value or "\n" in value or "\x00" in value:
+            raise errors.InvalidHeader(f"the value of header {name!r} would hold a line break")
     content = None
     if body is not None:
         content = encode_body(values.json_value(body), media_type)

@@ -10,7 +10,7 @@ import redis
 from models.db import get_engine
 from models.settings import get_settings
 from models.vault import Vault
-from worker import upstream
+from worker import guard, tls, upstream
 from worker.celery_app import app
 from worker.executor import Runtime, run_job
 from worker.keys import EXECUTE_TASK
@@ -31,7 +31,7 @@ def runtime() -> Runtime:
         current = _runtimes[os.getpid()] = Runtime(
             settings=settings,
             engine=get_engine(settings.effective_database_url()),
-            client=upstream.build_client(settings),
+            client=upstream.build_client(settings, transport=guard.PinnedTransport(tls.context(settings))),
             vault=vault,
             tokens=TokenCache(redis.Redis.from_url(settings.effective_redis_url()), vault, settings),
         )

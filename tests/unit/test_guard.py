@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models import errors
-from worker.guard import check_destination, is_allowed_address
+from worker.guard import checked_addresses, is_allowed_address
 
 REFUSED = {
     "127.0.0.1": "IPv4 loopback",
@@ -97,7 +97,7 @@ def test_host_resolving_to_any_private_address_is_blocked(addresses: tuple[str, 
     resolve = FakeResolver(*addresses)
     # When the destination is checked
     with pytest.raises(errors.Blocked) as caught:
-        check_destination("api.example.com", 443, allow_private=False, resolve=resolve)
+        checked_addresses("api.example.com", 443, allow_private=False, resolve=resolve)
     # Then it is blocked with the stable code, and the resolver was asked for that host
     assert caught.value.code == "blocked_destination"
     assert resolve.calls == [("api.example.com", 443)]
@@ -107,15 +107,24 @@ def test_host_resolving_only_to_public_addresses_passes() -> None:
     # Given a host that resolves to public addresses only
     resolve = FakeResolver("8.8.8.8", "2606:4700:4700::1111")
     # When the destination is checked
-    check_destination("api.example.com", 8443, allow_private=False, resolve=resolve)
-    # Then nothing is raised, and the check did look the host up on the given port
+    addresses = checked_addresses("api.example.com", 8443, allow_private=False, resolve=resolve)
+    # Then those are the addresses to connect to, and the host was looked up once
+    assert addresses == ["8.8.8.8", "2606:4700:4700::1111"]
     assert resolve.calls == [("api.example.com", 8443)]
 
 
-def test_allow_private_skips_resolution() -> None:
-    # Given private destinations allowed, and a resolver that would answer with loopback
+def test_allow_private_lifts_the_address_check_only() -> None:
+    # Given private destinations allowed, and a host that resolves to loopback
     resolve = FakeResolver("127.0.0.1")
-    # When the destination is checked
-    check_destination("localhost.example.com", 80, allow_private=True, resolve=resolve)
-    # Then it passes without resolving the host at all
+    # When the destination is checked, then loopback is where the connection goes
+    assert checked_addresses("localhost.example.com", 80, allow_private=True, resolve=resolve) == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("literal", ["127.0.0.1", "[::1]", "::ffff:127.0.0.1", "0.0.0.0"])
+def test_ip_literals_are_checked_without_a_lookup(literal: str) -> None:
+    # Given a URL host that is an address already
+    resolve = FakeResolver("8.8.8.8")
+    # When it is checked, then it is refused as itself, and nothing was looked up
+    with pytest.raises(errors.Blocked):
+        checked_addresses(literal, 443, allow_private=False, resolve=resolve)
     assert resolve.calls == []
