@@ -175,13 +175,24 @@ class RequestUpdate(Update):
     media_type: str | None = None
 
 
+class AdhocRequest(Input):
+    """A request defined in the submission, run with the connection's auth, secrets and verbs."""
+
+    method: str = Field(min_length=1, max_length=10)
+    url: str = Field(min_length=1, max_length=4096)
+    headers: dict[str, str] = Field(default_factory=dict)
+    query: dict[str, str] = Field(default_factory=dict)
+    body: Any = None
+    media_type: str = "application/json"
+
+
 class ExecutionCreate(Input):
     """``POST /v1/executions``: a stored request, the auth action, or an ad-hoc request."""
 
     connection: str = Field(min_length=1, max_length=200)
     request: str | None = Field(default=None, min_length=1, max_length=200)
     action: str | None = None
-    adhoc: dict[str, Any] | None = None
+    adhoc: AdhocRequest | None = None
     path_params: dict[str, str | int | float] = Field(default_factory=dict)
     variables: dict[str, Any] = Field(default_factory=dict)
     callback_url: str | None = None

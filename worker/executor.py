@@ -146,7 +146,11 @@ def _execute(session: Session, job: Job, runtime: Runtime, used: list[str]) -> d
         raise errors.ReferenceGone()
     if job.action == "auth":
         return _auth(session, connection, runtime, used)
-    request = session.get(Request, job.request_id) if job.request_id else None
+    if job.action == "adhoc":  # defined in the submission, checked then, never stored
+        request: Request | None = Request(tenant_id=job.tenant_id, connection_id=connection.id, name="adhoc",
+                                          kind="studio", **job.params["adhoc"])
+    else:
+        request = session.get(Request, job.request_id) if job.request_id else None
     if request is None or request.connection_id != connection.id:
         raise errors.ReferenceGone()
     with runtime.client_for(session, connection, used) as client:

@@ -23,21 +23,28 @@ router = APIRouter(prefix="/v1/executions", tags=["executions"], responses=RESPO
 
 @router.post("", status_code=202, response_model=JobPublic)
 def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    """Queue a job: a stored request of a connection, or its token request (``"action": "auth"``)."""
+    """Queue a job: a stored request of a connection, a request defined here (``adhoc``), or
+    the connection's token request (``"action": "auth"``)."""
     shapes = [name for name in ("request", "action", "adhoc") if getattr(body, name) is not None]
     if len(shapes) != 1:
         raise errors.InvalidInput(
             "give exactly one of request, action, adhoc",
             errors=[{"loc": ["body"], "msg": "give exactly one of request, action, adhoc"}],
         )
-    if shapes[0] == "adhoc":
-        raise errors.NotImplementedYet("ad-hoc executions are not supported yet")
     connection = by_id_or_name(session, Connection, body.connection, tenant_id=tenant.id)
-    if shapes[0] == "action":
+    if body.action is not None:
         return _queue(request, session, _auth_job(body, connection))
-    assert body.request is not None
-    stored = by_id_or_name(session, StoredRequest, body.request, connection_id=connection.id)
-    placeholders = rules.caller_placeholders(stored.url, stored.headers, stored.query, stored.body)
+    stored = None
+    if body.adhoc is not None:  # checked as a studio request of the connection would be
+        spec = body.adhoc.model_dump()
+        spec["method"] = rules.check_request(kind="studio", verbs=connection.template["verbs"],
+                                             base_url=connection.base_url, allowed_hosts=connection.allowed_hosts,
+                                             allow_http=request.app.state.settings.allow_http, **spec)
+    else:
+        assert body.request is not None
+        stored = by_id_or_name(session, StoredRequest, body.request, connection_id=connection.id)
+        spec = {field: getattr(stored, field) for field in ("url", "headers", "query", "body")}
+    placeholders = rules.caller_placeholders(spec["url"], spec["headers"], spec["query"], spec["body"])
     missing = rules.missing_values(placeholders, body.path_params, body.variables)
     if missing:
         fields = {"path": "path_params", "vars": "variables"}
@@ -49,19 +56,22 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
             ],
         )
     rules.check_target(
-        stored.url,
+        spec["url"],
         base_url=connection.base_url,
         allowed_hosts=connection.allowed_hosts,
         path_params=body.path_params,
         variables=body.variables,
     )
+    params: dict[str, Any] = {"path_params": body.path_params, "variables": body.variables}
+    if stored is None:
+        params["adhoc"] = spec
     job = Job(
         tenant_id=tenant.id,
         connection_id=connection.id,
-        request_id=stored.id,
-        action="request",
+        request_id=stored.id if stored else None,
+        action="request" if stored else "adhoc",
         status=JobStatus.QUEUED.value,
-        params={"path_params": body.path_params, "variables": body.variables},
+        params=params,
         secrets_used=[],
     )
     return _queue(request, session, job)

@@ -144,13 +144,38 @@ def test_a_path_parameter_cannot_send_a_request_to_another_host(api, connection)
     assert api.queue.sent == []
 
 
-def test_adhoc_requests_are_not_implemented_yet(api, connection):
-    # When: a client asks for an ad-hoc request, which the hub does not run yet
-    response = submit(api, connection="sfdc-prod", adhoc={"method": "GET", "url": "/accounts"})
-    # Then: 422 not_implemented, nothing queued, no job
-    assert_problem(response, 422, "not_implemented")
+def test_an_adhoc_request_is_queued_with_its_definition(api, connection):
+    # When: a client sends a request it defines in the submission, with a path parameter and a variable
+    adhoc = {"method": "post", "url": "/x/{id}", "headers": {"X-Trace": "{{vars.trace}}"},
+             "body": {"a": "{{vars.a}}"}, "media_type": "application/json"}
+    response = submit(api, connection="sfdc-prod", adhoc=adhoc, path_params={"id": "7"},
+                      variables={"a": "1", "trace": "t"})
+    # Then: 202 with an adhoc job, and only its id was enqueued
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["action"], job["request_id"], job["status"]) == ("adhoc", None, "queued")
+    assert api.queue.sent == [job["id"]]
+
+
+@pytest.mark.parametrize(
+    ("adhoc", "extra", "code"),
+    [
+        ({"method": "DELETE", "url": "/x"}, {}, "verb_not_allowed"),
+        ({"method": "GET", "url": "https://elsewhere.example.org/x"}, {}, "host_not_allowed"),
+        ({"method": "GET", "url": "/x/{id}"}, {}, "missing_variable"),
+        ({"method": "GET", "url": "https://{host}/x"}, {"path_params": {"host": "evil.example.org"}}, "host_not_allowed"),
+        ({"method": "POST", "url": "/x", "body": {"a": 1}, "media_type": "application/xml"}, {}, "unsupported_media_type"),
+        ({"method": "POST", "url": "/x", "body": {"a": 1}, "media_type": "text/plain"}, {}, "invalid_body"),
+        ({"method": "GET", "url": "ftp://api.example.com/x"}, {}, "scheme_not_allowed"),
+    ],
+    ids=["verb", "host", "missing-path-param", "host-from-path-param", "media-type", "body-shape", "scheme"],
+)
+def test_an_adhoc_request_obeys_the_connections_rules(api, connection, adhoc, extra, code):
+    # When: an ad-hoc request breaks one of the connection's rules
+    response = submit(api, connection="sfdc-prod", adhoc=adhoc, **extra)
+    # Then: it is refused before anything is queued
+    assert_problem(response, 422, code)
     assert api.queue.sent == []
-    assert listed(api) == []
 
 
 @pytest.mark.parametrize(
