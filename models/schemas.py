@@ -289,6 +289,8 @@ class JobResult(BaseModel):
     truncated: bool
     content_length: int | None
     elapsed_ms: float
+    decoded: bool = True
+    """False when the body is kept as sent, in a content encoding the hub does not decode."""
 
 
 class AuthResult(BaseModel):

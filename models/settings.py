@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     read_timeout_s: float = 30.0
     write_timeout_s: float = 30.0
     pool_timeout_s: float = 5.0
+    request_deadline_s: float = 60.0
+    """The longest one attempt of a call may take, connect to last byte read: a service that
+    keeps sending, each byte within the read timeout, is cut off here (``read_timeout``)."""
 
     token_leeway_s: float = 60.0
     """A token is dropped from the cache this long before it expires (at most half its life)."""

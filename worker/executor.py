@@ -79,7 +79,8 @@ class Runtime:
         by hand, each hop checked again; credentials stay behind when the host changes."""
         for _ in range(MAX_REDIRECTS + 1):
             with guard.pinned(*self.destination(outgoing.url, connection)):
-                captured = upstream.send(client, outgoing, cap=self.settings.response_cap_bytes)
+                captured = upstream.send(client, outgoing, cap=self.settings.response_cap_bytes,
+                                         deadline_s=self.settings.request_deadline_s)
             location = captured.headers.get("location")
             if captured.status_code not in REDIRECTS or not location:
                 return captured
@@ -91,7 +92,7 @@ class Runtime:
 
         def send(request: oauth.TokenRequest) -> oauth.Token:
             with guard.pinned(*self.destination(request.url, connection)):
-                return oauth.send(client, request)
+                return oauth.send(client, request, deadline_s=self.settings.request_deadline_s)
 
         return credentials.obtain(session, connection, cache=self.tokens, send=send, used=used)
 

@@ -14,6 +14,7 @@ import contextvars
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -54,6 +55,7 @@ def system_resolver(host: str, port: int) -> list[str]:
 
 # --- connecting only to checked addresses ----------------------------------------------------
 
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("hub_deadline", default=None)
 _PINS: contextvars.ContextVar[dict[tuple[str, int], list[str]] | None] = contextvars.ContextVar("hub_pins", default=None)
 
 
@@ -84,6 +86,51 @@ def pinned(host: str, port: int, addresses: list[str]) -> Iterator[None]:
         _PINS.reset(token)
 
 
+@contextlib.contextmanager
+def deadline(ends: float | None) -> Iterator[None]:
+    """Within the block, no read or write on a pinned connection waits past ``ends``
+    (``time.perf_counter()`` seconds): the headers of a service that drips them byte by byte
+    end on time too."""
+    token = _DEADLINE.set(ends)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _wait(timeout: float | None) -> float | None:
+    ends = _DEADLINE.get()
+    if ends is None:
+        return timeout
+    remaining = ends - time.perf_counter()
+    if remaining <= 0:
+        raise httpcore.ReadTimeout("past the attempt's deadline")
+    return remaining if timeout is None else min(timeout, remaining)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    """A network stream whose every wait is cut to the time left before the deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _wait(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _wait(timeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, _wait(timeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
 class PinnedBackend(httpcore.NetworkBackend):
     """httpcore's network backend, connecting to the address the guard checked (no second DNS
     lookup between check and connect). Outside :func:`pinned` it refuses to connect at all."""
@@ -105,10 +152,10 @@ class PinnedBackend(httpcore.NetworkBackend):
             raise httpcore.ConnectError(f"no checked address for {host}:{port}")
         for address in addresses[:-1]:
             try:
-                return self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+                return DeadlineStream(self._inner.connect_tcp(address, port, timeout, local_address, socket_options))
             except (httpcore.ConnectError, httpcore.ConnectTimeout):
                 continue
-        return self._inner.connect_tcp(addresses[-1], port, timeout, local_address, socket_options)
+        return DeadlineStream(self._inner.connect_tcp(addresses[-1], port, timeout, local_address, socket_options))
 
     def connect_unix_socket(self, path: str, timeout: float | None = None,
                             socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:

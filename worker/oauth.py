@@ -25,7 +25,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from models import errors
 from worker import upstream
-from worker.render import Values
+from worker.render import Outgoing, Values
 
 MAX_TOKEN_RESPONSE = 65_536
 MAX_EXPIRES_IN = 366 * 24 * 3600.0
@@ -117,13 +117,13 @@ def _signing_key(pem: str) -> tuple[RSAKey | ECKey, str]:
     return RSAKey.import_key(pem), "RS256"
 
 
-def send(client: httpx.Client, request: TokenRequest) -> Token:
+def send(client: httpx.Client, request: TokenRequest, *, deadline_s: float | None = None) -> Token:
     """Send the token request; the granted token, or the hub's error for the answer."""
-    try:
-        response = client.post(request.url, content=request.body.encode(), headers=request.headers)
-    except httpx.HTTPError as exc:
-        failure = upstream.translate(exc)
-        raise TokenEndpointUnavailable(f"token endpoint: {failure.code}") from exc
+    outgoing = Outgoing(method="POST", url=request.url, headers=request.headers, content=request.body.encode())
+    try:  # the same bounded, deadline-keeping reader as every call to a service
+        response = upstream.send(client, outgoing, cap=MAX_TOKEN_RESPONSE, deadline_s=deadline_s)
+    except errors.UpstreamError as exc:
+        raise TokenEndpointUnavailable(f"token endpoint: {exc.code}") from exc
     if response.status_code == 429 or response.status_code >= 500:
         raise TokenEndpointUnavailable(f"token endpoint answered HTTP {response.status_code}")
     document = _json(response)
@@ -151,11 +151,11 @@ def send(client: httpx.Client, request: TokenRequest) -> Token:
     )
 
 
-def _json(response: httpx.Response) -> dict[str, Any]:
-    if len(response.content) > MAX_TOKEN_RESPONSE:
+def _json(response: upstream.Captured) -> dict[str, Any]:
+    if response.truncated:
         raise errors.TokenRequestFailed("the token endpoint's answer is too large")
     try:
-        document = json.loads(response.content)
+        document = json.loads(response.body)
     except ValueError:
         document = None
     if not isinstance(document, dict):

@@ -28,6 +28,7 @@ ANSWERED = {
     "truncated": False,
     "content_length": 15,
     "elapsed_ms": 41.7,
+    "decoded": True,
 }
 
 
