@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.errors import HubError
-from models.schemas import Problem
+from models.views import Problem
 
 log = logging.getLogger("hub.api")
 

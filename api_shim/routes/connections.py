@@ -17,15 +17,9 @@ from api_shim.tokens import drop_cached_tokens, new_version
 from models import errors, rules
 from models.base import utcnow
 from models.db import lock_row
-from models.schemas import (
-    ConnectionCreate,
-    ConnectionPublic,
-    ConnectionUpdate,
-    Page,
-    connection_public,
-    template_rules,
-)
+from models.schemas import ConnectionCreate, ConnectionUpdate
 from models.tables import Connection, Template, Tenant
+from models.views import ConnectionPublic, Page, connection_public, template_rules
 
 router = APIRouter(prefix="/v1/connections", tags=["connections"], responses=RESPONSES)
 

@@ -14,9 +14,10 @@ from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
 from models import errors, jobs, rules
 from models.jobs import JobStatus
-from models.schemas import ExecutionCreate, JobPublic, Page, job_public
+from models.schemas import ExecutionCreate
 from models.tables import Connection, Job
 from models.tables import Request as StoredRequest
+from models.views import JobPublic, Page, job_public
 
 router = APIRouter(prefix="/v1/executions", tags=["executions"], responses=RESPONSES)
 

@@ -13,9 +13,10 @@ from api_shim.routes.connections import count, unique_name
 from models import errors, rules
 from models.base import utcnow
 from models.db import lock_row
-from models.schemas import Page, RequestCreate, RequestPublic, RequestUpdate, request_public
+from models.schemas import RequestCreate, RequestUpdate
 from models.settings import Settings
 from models.tables import Connection, Request
+from models.views import Page, RequestPublic, request_public
 
 router = APIRouter(prefix="/v1/connections/{connection}/requests", tags=["requests"], responses=RESPONSES)
 

@@ -11,8 +11,9 @@ from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
 from api_shim.tokens import drop_cached_tokens, new_version
 from models import errors, secrets
-from models.schemas import Page, SecretPublic, SecretPut, secret_public
+from models.schemas import SecretPut
 from models.tables import Connection, Secret
+from models.views import Page, SecretPublic, secret_public
 
 router = APIRouter(prefix="/v1/connections/{connection}/secrets", tags=["secrets"], responses=RESPONSES)
 

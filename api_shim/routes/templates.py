@@ -10,8 +10,9 @@ from sqlmodel import select
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
 from models import errors, rules
-from models.schemas import Page, TemplateCreate, TemplatePublic, template_public
+from models.schemas import TemplateCreate
 from models.tables import Template
+from models.views import Page, TemplatePublic, template_public
 
 router = APIRouter(prefix="/v1/templates", tags=["templates"], responses=RESPONSES)
 

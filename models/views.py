@@ -1,0 +1,230 @@
+"""What the API answers, per entity: the ``Public`` shapes and the functions that make them
+from rows. Nothing here ever carries a secret value."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel
+
+from models.base import rfc3339
+from models.schemas import AuthHeader, ClientCertificate, OAuth2Settings
+from models.tables import Connection, Job, Request, Secret, Template
+
+
+class SecretPublic(BaseModel):
+    """A secret as the API shows it: its name and times, never its value."""
+
+    name: str
+    created_at: str
+    updated_at: str
+
+
+Item = TypeVar("Item")
+
+
+class Page(BaseModel, Generic[Item]):
+    """One page of a list: its items and the cursor of the next page (null on the last)."""
+
+    items: list[Item]
+    next_cursor: str | None
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document; ``code`` is stable, clients branch on it."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class TemplatePublic(BaseModel):
+    """A template of the connection library."""
+
+    id: str
+    name: str
+    service_name: str
+    integration_method: str
+    auth_type: str
+    auth_headers: list[AuthHeader]
+    verbs: list[str]
+    created_at: str
+
+
+class TemplateRules(BaseModel):
+    """The rules a connection copied from its template."""
+
+    service_name: str
+    integration_method: str
+    auth_type: str
+    auth_headers: list[AuthHeader]
+    verbs: list[str]
+
+
+class ConnectionPublic(BaseModel):
+    """A connection; secret references are shown, secret values never."""
+
+    id: str
+    name: str
+    template_id: str | None
+    description: str | None
+    base_url: str | None
+    allowed_hosts: list[str]
+    auth_header_values: dict[str, str]
+    oauth2: OAuth2Settings | None
+    client_certificate: ClientCertificate | None
+    template: TemplateRules
+    created_at: str
+    updated_at: str
+
+
+class RequestPublic(BaseModel):
+    """A stored request of a connection."""
+
+    id: str
+    connection_id: str
+    name: str
+    kind: str
+    method: str
+    url: str
+    headers: dict[str, str]
+    query: dict[str, str]
+    body: Any
+    media_type: str
+    created_at: str
+    updated_at: str
+
+
+class JobResult(BaseModel):
+    """What the web service answered, the body cut at 32,768 bytes."""
+
+    status_code: int
+    headers: dict[str, str]
+    body: str
+    body_encoding: Literal["utf-8", "base64"]
+    size: int
+    truncated: bool
+    content_length: int | None
+    elapsed_ms: float
+    decoded: bool = True
+    """False when the body is kept as sent, in a content encoding the hub does not decode."""
+
+
+class AuthResult(BaseModel):
+    """What the auth action found: the token's type, scope and expiry, never the token."""
+
+    token_type: str
+    scope: str | None
+    expires_at: str | None
+    cached: bool
+
+
+class JobErrorPublic(BaseModel):
+    """Why a job failed: a stable code and a message without secrets."""
+
+    code: str
+    message: str
+
+
+class JobPublic(BaseModel):
+    """An execution."""
+
+    id: str
+    status: Literal["queued", "running", "retrying", "succeeded", "failed", "cancelled"]
+    connection_id: str
+    request_id: str | None
+    action: str
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    result: JobResult | AuthResult | None
+    secrets_used: list[str]
+    error: JobErrorPublic | None
+
+
+def template_public(row: Template) -> dict[str, Any]:
+    """A template as the API shows it."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "service_name": row.service_name,
+        "integration_method": row.integration_method,
+        "auth_type": row.auth_type,
+        "auth_headers": row.auth_headers,
+        "verbs": row.verbs,
+        "created_at": rfc3339(row.created_at),
+    }
+
+
+def template_rules(row: Template) -> dict[str, Any]:
+    """The rules a connection copies from its template, so it outlives the template."""
+    return {
+        "service_name": row.service_name,
+        "integration_method": row.integration_method,
+        "auth_type": row.auth_type,
+        "auth_headers": row.auth_headers,
+        "verbs": row.verbs,
+    }
+
+
+def connection_public(row: Connection) -> dict[str, Any]:
+    """A connection as the API shows it: references to secrets, never their values."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "template_id": row.template_id,
+        "description": row.description,
+        "base_url": row.base_url,
+        "allowed_hosts": row.allowed_hosts,
+        "auth_header_values": row.auth_header_values,
+        "oauth2": row.oauth2,
+        "client_certificate": row.client_certificate,
+        "template": row.template,
+        "created_at": rfc3339(row.created_at),
+        "updated_at": rfc3339(row.updated_at),
+    }
+
+
+def request_public(row: Request) -> dict[str, Any]:
+    """A stored request as the API shows it."""
+    return {
+        "id": row.id,
+        "connection_id": row.connection_id,
+        "name": row.name,
+        "kind": row.kind,
+        "method": row.method,
+        "url": row.url,
+        "headers": row.headers,
+        "query": row.query,
+        "body": row.body,
+        "media_type": row.media_type,
+        "created_at": rfc3339(row.created_at),
+        "updated_at": rfc3339(row.updated_at),
+    }
+
+
+def secret_public(row: Secret) -> dict[str, Any]:
+    """A secret's name and times; its value is never shown."""
+    return {"name": row.name, "created_at": rfc3339(row.created_at), "updated_at": rfc3339(row.updated_at)}
+
+
+def job_public(row: Job) -> dict[str, Any]:
+    """A job as the API shows it."""
+    return {
+        "id": row.id,
+        "status": row.status,
+        "connection_id": row.connection_id,
+        "request_id": row.request_id,
+        "action": row.action,
+        "attempts": row.attempts,
+        "created_at": rfc3339(row.created_at),
+        "started_at": rfc3339(row.started_at),
+        "finished_at": rfc3339(row.finished_at),
+        "result": row.result,
+        "secrets_used": row.secrets_used,
+        "error": row.error,
+    }
