@@ -84,6 +84,12 @@ class Conflict(HubError):
     status = 409
 
 
+class JobNotCancellable(Conflict):
+    """Only a job that has not started can be cancelled."""
+
+    code = "job_not_cancellable"
+
+
 class NameTaken(Conflict):
     """The name is already in use."""
 

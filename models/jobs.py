@@ -49,6 +49,21 @@ def claim(session: Session, job_id: str) -> bool:
     return claimed
 
 
+def cancel(session: Session, job_id: str) -> bool:
+    """Move the job from ``queued`` to ``cancelled``; False if it had already started or ended.
+
+    The same conditional UPDATE as :func:`claim`: a job is either claimed or cancelled, never both.
+    """
+    statement = (
+        sa.update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)  # type: ignore[arg-type]
+        .values(status=JobStatus.CANCELLED.value, finished_at=utcnow())
+    )
+    cancelled = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+    session.commit()
+    return cancelled
+
+
 def finish(
     session: Session,
     job_id: str,

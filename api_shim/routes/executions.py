@@ -126,6 +126,15 @@ async def get_job(
     return job_public(job)
 
 
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+    """Cancel a job that has not started; ``409 job_not_cancellable`` once it has."""
+    job = _load(session, tenant.id, job_id)
+    if not jobs.cancel(session, job.id):
+        raise errors.JobNotCancellable(f"the job is {_load(session, tenant.id, job_id).status}")
+    return job_public(_load(session, tenant.id, job_id))
+
+
 @router.get("", response_model=Page[JobPublic])
 def list_jobs(
     session: SessionDep,

@@ -378,3 +378,34 @@ def test_jobs_are_paginated(api, connection):
     walked = listed(api, limit=1)
     # Then: it sees each once, oldest first
     assert walked == ids
+
+
+def test_a_queued_job_can_be_cancelled_and_is_then_never_run(api, connection):
+    # Given a queued job
+    job = submit(api, connection="sfdc-prod", request="list-accounts").json()
+    # When it is cancelled
+    response = api.client.post(f"/v1/executions/{job['id']}/cancel", headers=api.headers())
+    # Then it is cancelled, finished, and a worker that gets its message later leaves it alone
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
+    with Session(api.engine) as session:
+        assert jobs.claim(session, job["id"]) is False
+    # and cancelling again says why not
+    again = api.client.post(f"/v1/executions/{job['id']}/cancel", headers=api.headers())
+    assert_problem(again, 409, "job_not_cancellable")
+
+
+def test_a_started_job_cannot_be_cancelled(api, connection):
+    job = submit(api, connection="sfdc-prod", request="list-accounts").json()
+    with Session(api.engine) as session:
+        assert jobs.claim(session, job["id"]) is True
+    response = api.client.post(f"/v1/executions/{job['id']}/cancel", headers=api.headers())
+    assert_problem(response, 409, "job_not_cancellable")
+    assert api.client.get(f"/v1/executions/{job['id']}", headers=api.headers()).json()["status"] == "running"
+
+
+def test_another_tenants_job_cannot_be_cancelled(api, connection):
+    job = submit(api, connection="sfdc-prod", request="list-accounts").json()
+    response = api.client.post(f"/v1/executions/{job['id']}/cancel", headers=api.headers("b"))
+    assert_problem(response, 404, "not_found")
+    assert api.client.get(f"/v1/executions/{job['id']}", headers=api.headers()).json()["status"] == "queued"
