@@ -187,6 +187,12 @@ class MissingVariable(InvalidInput):
     code = "missing_variable"
 
 
+class IdempotencyKeyReused(InvalidInput):
+    """This Idempotency-Key was used within 24 hours for a different submission."""
+
+    code = "idempotency_key_reused"
+
+
 class NotImplementedYet(InvalidInput):
     """This kind of execution is not supported yet."""
 

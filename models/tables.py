@@ -157,3 +157,17 @@ class Job(SQLModel, table=True):
     created_at: datetime = _time()
     started_at: datetime | None = _time(nullable=True)
     finished_at: datetime | None = _time(nullable=True)
+
+
+class IdempotencyKey(SQLModel, table=True):
+    """A tenant's ``Idempotency-Key`` and the job its first submission made (for 24 hours)."""
+
+    __tablename__ = "idempotency_key"
+    __table_args__ = (sa.UniqueConstraint("tenant_id", "key", name="uq_idempotency_key_tenant_key"),)
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
+    tenant_id: str = _tenant()
+    key: str = Field(max_length=255)
+    body_hash: str = Field(max_length=64)
+    job_id: str = Field(max_length=36)
+    created_at: datetime = _time()

@@ -196,6 +196,9 @@ def _call(
     )
     if token is not None and not any(name.lower() == "authorization" for name in outgoing.headers):
         outgoing.headers["Authorization"] = f"{token.token.token_type} {token.token.access_token}"
+    key = job.params.get("idempotency_key")
+    if key and not any(name.lower() == "idempotency-key" for name in outgoing.headers):
+        outgoing.headers["Idempotency-Key"] = key  # the service can drop a repeat too
     if outgoing.method not in connection.template["verbs"]:
         raise errors.VerbNotAllowed()
     return runtime.send_checked(client, outgoing, connection)

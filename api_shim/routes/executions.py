@@ -6,13 +6,15 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
-from models import errors, jobs, rules
+from models import errors, idempotency, jobs, rules
+from models.base import utcnow
 from models.jobs import JobStatus
 from models.schemas import ExecutionCreate
 from models.tables import Connection, Job
@@ -23,7 +25,14 @@ router = APIRouter(prefix="/v1/executions", tags=["executions"], responses=RESPO
 
 
 @router.post("", status_code=202, response_model=JobPublic)
-def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+def submit(
+    body: ExecutionCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    idempotency_key: Annotated[str | None, Header(description="Same key and body within 24 h: the first job.")] = None,
+) -> dict[str, Any]:
     """Queue a job: a stored request of a connection, a request defined here (``adhoc``), or
     the connection's token request (``"action": "auth"``)."""
     shapes = [name for name in ("request", "action", "adhoc") if getattr(body, name) is not None]
@@ -32,9 +41,17 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
             "give exactly one of request, action, adhoc",
             errors=[{"loc": ["body"], "msg": "give exactly one of request, action, adhoc"}],
         )
+    once = None
+    if idempotency_key is not None:
+        idempotency.check_key(idempotency_key)
+        once = (idempotency_key, idempotency.body_hash(body.model_dump(mode="json")))
+        first = idempotency.first_job(session, tenant_id=tenant.id, key=once[0], hashed=once[1], now=utcnow())
+        if first is not None:
+            response.status_code = 200
+            return job_public(_load(session, tenant.id, first))
     connection = by_id_or_name(session, Connection, body.connection, tenant_id=tenant.id)
     if body.action is not None:
-        return _queue(request, session, _auth_job(body, connection))
+        return _queue(request, response, session, _auth_job(body, connection), once)
     stored = None
     if body.adhoc is not None:  # checked as a studio request of the connection would be
         spec = body.adhoc.model_dump()
@@ -66,6 +83,8 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
     params: dict[str, Any] = {"path_params": body.path_params, "variables": body.variables}
     if stored is None:
         params["adhoc"] = spec
+    if once is not None:
+        params["idempotency_key"] = once[0]  # forwarded to the service
     job = Job(
         tenant_id=tenant.id,
         connection_id=connection.id,
@@ -75,7 +94,7 @@ def submit(body: ExecutionCreate, request: Request, session: SessionDep, tenant:
         params=params,
         secrets_used=[],
     )
-    return _queue(request, session, job)
+    return _queue(request, response, session, job, once)
 
 
 def _auth_job(body: ExecutionCreate, connection: Connection) -> Job:
@@ -90,10 +109,24 @@ def _auth_job(body: ExecutionCreate, connection: Connection) -> Job:
                status=JobStatus.QUEUED.value, params={}, secrets_used=[])
 
 
-def _queue(request: Request, session: Session, job: Job) -> dict[str, Any]:
-    """Store the job, then send its id to the workers; a job that cannot be sent is failed."""
+def _queue(request: Request, response: Response, session: Session, job: Job,
+           once: tuple[str, str] | None) -> dict[str, Any]:
+    """Store the job (and its idempotency key), then send its id to the workers; a job that
+    cannot be sent is failed. A concurrent submission with the same key gets the first job."""
     session.add(job)
-    session.commit()
+    if once is not None:
+        idempotency.remember(session, tenant_id=job.tenant_id, key=once[0], hashed=once[1], job_id=job.id)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        if once is None:
+            raise
+        first = idempotency.first_job(session, tenant_id=job.tenant_id, key=once[0], hashed=once[1], now=utcnow())
+        if first is None:
+            raise
+        response.status_code = 200
+        return job_public(_load(session, job.tenant_id, first))
     try:
         request.app.state.enqueue(job.id)
     except errors.BrokerUnavailable as exc:

@@ -472,3 +472,11 @@ def test_a_secret_of_another_connection_is_missing(world: World) -> None:
     _failed(job, "secret_missing")
     assert world.upstream.requests == []
     assert job.secrets_used == ["api_token"]
+
+
+def test_the_submissions_idempotency_key_is_forwarded(world: World) -> None:
+    # Given a job submitted with an Idempotency-Key
+    job = world.run(world.job(params={**PARAMS, "idempotency_key": "order-42"}))
+    # Then the service received the same key, so it can drop a repeat too
+    assert job.status == "succeeded", job.error
+    assert world.upstream.requests[0].headers["idempotency-key"] == "order-42"
