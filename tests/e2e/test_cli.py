@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlmodel import Session, select
 
@@ -16,7 +17,7 @@ from models.tables import Connection, Secret
 from models.tenants import tenant_for_key
 from models.vault import Vault
 from tests.conftest import TEST_REDIS_URL
-from tests.processes import HUB
+from tests.processes import HUB, free_port, http_ok, start, stop, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -101,3 +102,21 @@ def test_api_and_worker_refuse_to_start_without_a_master_key(env: dict[str, str]
     assert done.returncode == 1
     assert "HUB_MASTER_KEYS" in done.stderr and "integration-hub keys generate" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_flower_asks_for_the_configured_basic_auth(env: dict[str, str], redis_url: str) -> None:
+    # Given Flower started the way docker-compose starts it, with HUB_FLOWER_BASIC_AUTH
+    port = free_port()
+    env = {**env, "HUB_REDIS_URL": redis_url, "HUB_FLOWER_BASIC_AUTH": "ops:s3cret-pass"}
+    log = Path(env["HUB_DATA_DIR"]) / "flower.log"
+    flower = start([*HUB, "flower", "--port", str(port)], env, log)
+    try:
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthcheck"), "flower", process=flower, log=log)
+        # When someone opens it without credentials, then they are asked for them
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 401
+        assert httpx.get(f"http://127.0.0.1:{port}/api/workers", timeout=5).status_code == 401
+        # and with the configured ones they get in; the password is in no process argument
+        assert httpx.get(f"http://127.0.0.1:{port}/", auth=("ops", "s3cret-pass"), timeout=5).status_code == 200
+        assert b"s3cret-pass" not in Path(f"/proc/{flower.pid}/cmdline").read_bytes()
+    finally:
+        stop(flower)
