@@ -3,6 +3,7 @@ from rows. Nothing here ever carries a secret value."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel
@@ -146,85 +147,40 @@ class JobPublic(BaseModel):
     error: JobErrorPublic | None
 
 
+def shown(shape: type[BaseModel], row: Any) -> dict[str, Any]:
+    """``row`` as ``shape`` shows it: the shape's fields read from the row, times in RFC 3339.
+
+    The ``Public`` model is the one list of what the API shows; nothing else repeats it.
+    """
+    values = {name: getattr(row, name) for name in shape.model_fields}
+    return {name: rfc3339(value) if isinstance(value, datetime) else value for name, value in values.items()}
+
+
 def template_public(row: Template) -> dict[str, Any]:
     """A template as the API shows it."""
-    return {
-        "id": row.id,
-        "name": row.name,
-        "service_name": row.service_name,
-        "integration_method": row.integration_method,
-        "auth_type": row.auth_type,
-        "auth_headers": row.auth_headers,
-        "verbs": row.verbs,
-        "created_at": rfc3339(row.created_at),
-    }
+    return shown(TemplatePublic, row)
 
 
 def template_rules(row: Template) -> dict[str, Any]:
     """The rules a connection copies from its template, so it outlives the template."""
-    return {
-        "service_name": row.service_name,
-        "integration_method": row.integration_method,
-        "auth_type": row.auth_type,
-        "auth_headers": row.auth_headers,
-        "verbs": row.verbs,
-    }
+    return shown(TemplateRules, row)
 
 
 def connection_public(row: Connection) -> dict[str, Any]:
     """A connection as the API shows it: references to secrets, never their values."""
-    return {
-        "id": row.id,
-        "name": row.name,
-        "template_id": row.template_id,
-        "description": row.description,
-        "base_url": row.base_url,
-        "allowed_hosts": row.allowed_hosts,
-        "auth_header_values": row.auth_header_values,
-        "oauth2": row.oauth2,
-        "client_certificate": row.client_certificate,
-        "template": row.template,
-        "created_at": rfc3339(row.created_at),
-        "updated_at": rfc3339(row.updated_at),
-    }
+    return shown(ConnectionPublic, row)
 
 
 def request_public(row: Request) -> dict[str, Any]:
     """A stored request as the API shows it."""
-    return {
-        "id": row.id,
-        "connection_id": row.connection_id,
-        "name": row.name,
-        "kind": row.kind,
-        "method": row.method,
-        "url": row.url,
-        "headers": row.headers,
-        "query": row.query,
-        "body": row.body,
-        "media_type": row.media_type,
-        "created_at": rfc3339(row.created_at),
-        "updated_at": rfc3339(row.updated_at),
-    }
+    return shown(RequestPublic, row)
 
 
 def secret_public(row: Secret) -> dict[str, Any]:
     """A secret's name and times; its value is never shown."""
-    return {"name": row.name, "created_at": rfc3339(row.created_at), "updated_at": rfc3339(row.updated_at)}
+    return shown(SecretPublic, row)
 
 
 def job_public(row: Job) -> dict[str, Any]:
     """A job as the API shows it."""
-    return {
-        "id": row.id,
-        "status": row.status,
-        "connection_id": row.connection_id,
-        "request_id": row.request_id,
-        "action": row.action,
-        "attempts": row.attempts,
-        "created_at": rfc3339(row.created_at),
-        "started_at": rfc3339(row.started_at),
-        "finished_at": rfc3339(row.finished_at),
-        "result": row.result,
-        "secrets_used": row.secrets_used,
-        "error": row.error,
-    }
+    return shown(JobPublic, row)
