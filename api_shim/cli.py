@@ -6,7 +6,9 @@
     integration-hub migrate
     integration-hub tenants create NAME [--rate R] [--burst B] [--max-inflight N]
     integration-hub api [--host H] [--port P]
+    integration-hub tenants set NAME [--rate R] [--burst B] [--max-inflight N]
     integration-hub worker [-c N] [--pool P]
+    integration-hub beat
     integration-hub flower [--address A] [--port P]
     integration-hub upstream [--host H] [--port P]
     integration-hub keys generate | rotate
@@ -43,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--rate", type=float, help="outbound requests per second")
     create.add_argument("--burst", type=int, help="requests allowed at once above the rate")
     create.add_argument("--max-inflight", type=int, help="jobs queued or running at once")
+    change = tenant_commands.add_parser("set", help="change a tenant's rate, burst or in-flight quota")
+    change.add_argument("name")
+    change.add_argument("--rate", type=float, help="outbound requests per second (0: the default)")
+    change.add_argument("--burst", type=int, help="requests allowed at once above the rate (-1: the default)")
+    change.add_argument("--max-inflight", type=int, help="jobs queued or running at once (0: the default)")
 
     api = commands.add_parser("api", help="serve the API")
     api.add_argument("--host", default="127.0.0.1")
@@ -53,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", default="prefork")
     worker.add_argument("--loglevel", default="INFO")
     worker.add_argument("-n", "--hostname", help="the worker's node name (default celery@HOST)")
+
+    commands.add_parser("beat", help="run Celery beat: the sweeper that sends lost jobs again and deletes old ones")
 
     flower = commands.add_parser("flower", help="run Flower against the broker")
     flower.add_argument("--address", default="127.0.0.1")
@@ -103,6 +112,19 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _set_tenant(args: argparse.Namespace) -> int:
+    from models.db import session_scope
+    from models.tenants import set_limits
+
+    with session_scope() as session:
+        tenant = set_limits(session, name=args.name, rate_per_s=args.rate, burst=args.burst,
+                            max_inflight=args.max_inflight)
+        shown = {"rate": tenant.rate_per_s, "burst": tenant.burst, "max-inflight": tenant.max_inflight}
+    print(f"Tenant {args.name}: " + ", ".join(f"{k} {'default' if v is None else v}" for k, v in shown.items()))
+    print("Workers apply a new rate within 10 seconds.")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command named by ``argv`` (default: the process's arguments)."""
     args = _parser().parse_args(argv)
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
             upgrade()
             print("Database is up to date.")
             return 0
+        if args.command == "tenants" and args.tenants_command == "set":
+            return _set_tenant(args)
         if args.command == "tenants":
             from models.db import session_scope
             from models.tenants import create_tenant, issue_key
@@ -147,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             extra = ["-c", str(args.concurrency)] if args.concurrency else []
             extra += ["-n", args.hostname] if args.hostname else []
             return _celery(["worker", f"--loglevel={args.loglevel}", f"--pool={args.pool}", *extra])
+        if args.command == "beat":
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+            return _celery(["beat", f"--loglevel={settings.log_level}"])
         if args.command == "flower":
             if settings.flower_basic_auth is not None:
                 os.environ["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()

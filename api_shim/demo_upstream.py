@@ -5,7 +5,12 @@ Endpoints (any method):
 - ``/echo/...``: answers JSON describing the request it got (method, path, query, headers, body).
 - ``/bytes/N``: answers N bytes (at most 10 MB) of text, with a Content-Length.
 - ``/status/CODE``: answers that status with a small JSON body.
+- ``/flaky/KEY/N/CODE``: the first N requests for KEY answer CODE (``?retry_after=S`` adds a
+  ``Retry-After`` header), later ones 200: for retries.
+- ``/slow/SECONDS``: answers after SECONDS (at most 60).
 - ``/stats``: how many requests each path got, for tests that count calls.
+- ``/calls``: the time (Unix seconds) and path of the last 20,000 requests, for tests that
+  measure rates.
 - ``/oauth/...``: a test OAuth 2.0 token server and protected resource (:mod:`api_shim.demo_oauth`).
 """
 
@@ -13,7 +18,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import Counter
+import time
+from collections import Counter, deque
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -52,9 +58,10 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         stats: Counter[str] = self.server.stats  # type: ignore[attr-defined]
-        if parts.path != "/stats":
+        if parts.path not in ("/stats", "/calls"):
             with self.server.lock:  # type: ignore[attr-defined]
                 stats[parts.path] += 1
+                self.server.calls.append((time.time(), parts.path))  # type: ignore[attr-defined]
         segments = [s for s in parts.path.split("/") if s]
         head = segments[0] if segments else ""
         if head == "echo":
@@ -73,6 +80,21 @@ class Handler(BaseHTTPRequestHandler):
         elif head == "status" and len(segments) == 2 and segments[1].isdigit():
             code = int(segments[1])
             self._send(code, json.dumps({"status": code}).encode())
+        elif head == "flaky" and len(segments) == 4 and segments[2].isdigit() and segments[3].isdigit():
+            with self.server.lock:  # type: ignore[attr-defined]
+                seen = stats[f"/flaky/{segments[1]}"] = stats[f"/flaky/{segments[1]}"] + 1
+            query = dict(parse_qsl(parts.query))
+            if seen <= int(segments[2]):
+                extra = {"Retry-After": query["retry_after"]} if "retry_after" in query else {}
+                self._send(int(segments[3]), json.dumps({"attempt": seen}).encode(), headers=extra)
+            else:
+                self._send(200, json.dumps({"attempt": seen}).encode())
+        elif head == "slow" and len(segments) == 2:
+            time.sleep(min(float(segments[1]), 60.0))
+            self._send(200, json.dumps({"slept": float(segments[1])}).encode())
+        elif head == "calls":
+            with self.server.lock:  # type: ignore[attr-defined]
+                self._send(200, json.dumps(list(self.server.calls)).encode())  # type: ignore[attr-defined]
         elif head == "oauth":
             oauth: OAuthServer = self.server.oauth  # type: ignore[attr-defined]
             reply = oauth.handle(self.command, parts.path, self.headers.items(), body)
@@ -92,6 +114,7 @@ def make_server(host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     server.daemon_threads = True
     server.stats = Counter()  # type: ignore[attr-defined]
     server.lock = threading.Lock()  # type: ignore[attr-defined]
+    server.calls = deque(maxlen=20_000)  # type: ignore[attr-defined]
     server.oauth = OAuthServer()  # type: ignore[attr-defined]
     return server
 

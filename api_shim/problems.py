@@ -14,9 +14,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import HubError
+from models.errors import DatabaseUnavailable, HubError
 from models.views import Problem
 
 log = logging.getLogger("hub.api")
@@ -29,6 +30,7 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": Problem, "description": "No such resource in the caller's tenant (`not_found`)."},
     409: {"model": Problem, "description": "A limit or a unique name (`connection_limit_reached`, `request_limit_reached`, `name_taken`)."},
     422: {"model": Problem, "description": "Invalid input: `validation_error` with `errors[].loc`, or a rule's own code."},
+    503: {"model": Problem, "description": "The database is unreachable (`database_unavailable`); nothing was stored."},
 }
 """The problem responses every ``/v1`` route may give, for the OpenAPI document."""
 
@@ -44,7 +46,9 @@ def problem(
 
 async def _hub_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HubError)
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if "retry_after" in exc.extra:
+        headers["Retry-After"] = str(exc.extra["retry_after"])
     extra = {k: v for k, v in exc.extra.items() if k == "errors"}
     return problem(exc.status, exc.code, exc.title, exc.message, headers, **extra)
 
@@ -62,6 +66,13 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem(exc.status_code, code, str(exc.detail), str(exc.detail), exc.headers)
 
 
+async def _database_error(_request: Request, exc: Exception) -> JSONResponse:
+    # The type only: a driver's message can quote the statement and its parameters.
+    log.error("database unavailable: %s", type(exc).__name__)
+    down = DatabaseUnavailable()
+    return problem(down.status, down.code, down.title, down.message, {"Retry-After": "5"})
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.error("unexpected error: %s", type(exc).__name__, exc_info=exc)
     return problem(500, "internal_error", "Something went wrong inside the hub.", "See the hub's logs.")
@@ -72,4 +83,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_error)
+    app.add_exception_handler(InterfaceError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

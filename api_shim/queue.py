@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from celery import Celery
-from kombu.exceptions import KombuError, OperationalError
 
-from models import errors
 from worker.celery_app import app as worker_app
+from worker.dispatch import send
 from worker.keys import EXECUTE_TASK
 
 Enqueue = Callable[[str], None]
@@ -19,13 +18,9 @@ def celery_enqueue(app: Celery | None = None) -> Enqueue:
 
     It raises :class:`~models.errors.BrokerUnavailable` when the broker cannot take it.
     """
-
     target = app or worker_app
 
     def enqueue(job_id: str) -> None:
-        try:
-            target.send_task(EXECUTE_TASK, args=[job_id])
-        except (KombuError, OperationalError, OSError) as exc:
-            raise errors.BrokerUnavailable() from exc
+        send(target, EXECUTE_TASK, job_id)
 
     return enqueue

@@ -70,3 +70,8 @@ def lock_row(session: Session, model: Any, row_id: str) -> None:
     lock): checks made after it, such as a count against a limit, cannot race another writer.
     """
     session.execute(sa.update(model).where(model.id == row_id).values(id=model.id))
+
+
+def rowcount(result: Any) -> int:
+    """How many rows an UPDATE or DELETE changed (its ``CursorResult``'s count)."""
+    return int(result.rowcount)

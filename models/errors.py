@@ -17,12 +17,16 @@
     │   ├── HostNotAllowed, SchemeNotAllowed, InvalidUrl,
     │   ├── ManualRequestHasPlaceholders, MissingVariable, NotImplementedYet
     ├── MasterKeyMissing, InvalidMasterKey (configuration: the process refuses to start)
+    ├── TenantQuotaExceeded       429 tenant_quota_exceeded (with Retry-After)
     ├── Unavailable               503 service_unavailable
-    │   └── BrokerUnavailable     503 broker_unavailable
+    │   ├── BrokerUnavailable     503 broker_unavailable
+    │   └── DatabaseUnavailable   503 database_unavailable
     └── JobError                  (no HTTP status: how a job fails in the worker)
         ├── Blocked               blocked_destination
         ├── SecretMissing, SecretUnreadable, ReferenceGone
-        └── UpstreamError         request_failed, and one subclass per transport failure
+        ├── UpstreamError         request_failed, and one subclass per transport failure
+        ├── RetriesExhausted, RateLimited
+        └── WorkerLost, JobLost   (the sweeper's verdicts)
 
 The first line of each docstring is the default message. Messages never contain a secret.
 """
@@ -211,6 +215,13 @@ class InvalidMasterKey(HubError):
     code = "invalid_master_key"
 
 
+class TenantQuotaExceeded(HubError):
+    """The tenant has as many jobs in flight as its quota allows. Try again after Retry-After."""
+
+    code = "tenant_quota_exceeded"
+    status = 429
+
+
 class Unavailable(HubError):
     """A service the hub depends on is unavailable."""
 
@@ -222,6 +233,12 @@ class BrokerUnavailable(Unavailable):
     """The job could not be queued: the broker is unavailable. Try again."""
 
     code = "broker_unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database is unavailable; nothing was stored. Try again."""
+
+    code = "database_unavailable"
 
 
 class JobError(HubError):
@@ -324,3 +341,27 @@ class ProtocolError(UpstreamError):
     """The web service's answer was not valid HTTP."""
 
     code = "protocol_error"
+
+
+class RetriesExhausted(JobError):
+    """Every attempt the job had failed in a way that is retried."""
+
+    code = "retries_exhausted"
+
+
+class RateLimited(JobError):
+    """The job waited longer than allowed for its tenant's rate or its connection's cooldown."""
+
+    code = "rate_limited"
+
+
+class WorkerLost(JobError):
+    """The worker running the job was lost, and the request is not safe to send again."""
+
+    code = "worker_lost"
+
+
+class JobLost(JobError):
+    """The job's message was lost more times than the hub sends it again."""
+
+    code = "job_lost"

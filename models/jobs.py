@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import enum
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlmodel import Session
+from sqlmodel import Session, col
 
-from models.base import utcnow
+from models.base import as_utc, utcnow
+from models.db import rowcount
 from models.errors import HubError
 from models.tables import Job
 
@@ -31,22 +33,67 @@ class JobStatus(str, enum.Enum):
 
 
 FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+IN_FLIGHT = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.RETRYING.value)
+"""The states a tenant's in-flight quota counts."""
+WAITING = (JobStatus.QUEUED.value, JobStatus.RETRYING.value)
+"""The states in which a job waits for a worker to claim it."""
 
 
-def claim(session: Session, job_id: str) -> bool:
-    """Move the job from ``queued`` to ``running``; False if it was not queued.
+def claimable(job: Job, now: datetime) -> bool:
+    """Whether a delivery of the job's message may run it: it waits, or its worker was lost."""
+    if job.status in WAITING:
+        return True
+    lease = as_utc(job.lease_until)
+    return job.status == JobStatus.RUNNING.value and lease is not None and lease < now
 
-    One conditional UPDATE, so of two deliveries of the same message exactly one wins,
-    on SQLite and PostgreSQL alike.
+
+def _update(session: Session, statement: Any) -> bool:
+    changed = rowcount(session.execute(statement)) == 1
+    session.commit()
+    return changed
+
+
+def claim(session: Session, job_id: str, *, lease_s: float, now: datetime | None = None) -> int | None:
+    """Move the job to ``running`` and count the attempt; the attempt's number, or None if
+    the job was not waiting (nor ``running`` past its lease: its worker was lost).
+
+    One conditional UPDATE, so of two deliveries of the same message exactly one wins, on
+    SQLite and PostgreSQL alike. The attempt number fences what the attempt may write later.
     """
+    now = now or utcnow()
+    claimable = sa.or_(
+        Job.status.in_(WAITING),  # type: ignore[attr-defined]
+        sa.and_(Job.status == JobStatus.RUNNING.value, Job.lease_until < now),  # type: ignore[arg-type,operator]
+    )
     statement = (
         sa.update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)  # type: ignore[arg-type]
-        .values(status=JobStatus.RUNNING.value, started_at=utcnow(), attempts=Job.attempts + 1)
+        .where(Job.id == job_id, claimable)  # type: ignore[arg-type]
+        .values(status=JobStatus.RUNNING.value, started_at=sa.func.coalesce(Job.started_at, now),
+                attempts=Job.attempts + 1, lease_until=now + timedelta(seconds=lease_s), slot_at=None)
+        .returning(col(Job.attempts))
     )
-    claimed = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
+    attempt = session.execute(statement).scalar_one_or_none()
     session.commit()
-    return claimed
+    return attempt
+
+
+def defer(session: Session, job_id: str, *, due_at: datetime, slot_at: datetime | None) -> bool:
+    """Note that a waiting job's message was sent again for ``due_at`` (over its tenant's rate,
+    or its connection cooling down), with the slot it reserved, if any."""
+    return _update(session, sa.update(Job)
+                   .where(Job.id == job_id, Job.status.in_(WAITING))  # type: ignore[attr-defined,arg-type]
+                   .values(due_at=due_at, slot_at=slot_at))
+
+
+def retry_later(session: Session, job_id: str, attempt: int, *, due_at: datetime,
+                error: dict[str, Any], result: dict[str, Any] | None, secrets_used: list[str]) -> bool:
+    """Put the job that attempt ``attempt`` ran back to wait for its next attempt at ``due_at``;
+    ``error`` and ``result`` show why meanwhile."""
+    return _update(session, sa.update(Job)
+                   .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value,  # type: ignore[arg-type]
+                          Job.attempts == attempt)  # type: ignore[arg-type]
+                   .values(status=JobStatus.RETRYING.value, due_at=due_at, lease_until=None, error=error,
+                           result=result, secrets_used=secrets_used))
 
 
 def cancel(session: Session, job_id: str) -> bool:
@@ -54,14 +101,9 @@ def cancel(session: Session, job_id: str) -> bool:
 
     The same conditional UPDATE as :func:`claim`: a job is either claimed or cancelled, never both.
     """
-    statement = (
-        sa.update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)  # type: ignore[arg-type]
-        .values(status=JobStatus.CANCELLED.value, finished_at=utcnow())
-    )
-    cancelled = session.execute(statement).rowcount == 1  # type: ignore[attr-defined]
-    session.commit()
-    return cancelled
+    return _update(session, sa.update(Job)
+                   .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)  # type: ignore[arg-type]
+                   .values(status=JobStatus.CANCELLED.value, finished_at=utcnow()))
 
 
 def finish(
@@ -69,24 +111,43 @@ def finish(
     job_id: str,
     *,
     status: JobStatus,
+    attempt: int | None = None,
     result: dict[str, Any] | None = None,
     error: dict[str, Any] | None = None,
     secrets_used: list[str] | None = None,
-) -> None:
-    """Record the end of a running job."""
+    callback: bool = False,
+) -> bool:
+    """Record the end of a job; with ``attempt``, only if that attempt still holds it (a worker
+    that outlived its lease does not overwrite the attempt that replaced it)."""
     values: dict[str, Any] = {
         "status": status.value,
         "result": result,
         "error": error,
         "finished_at": utcnow(),
+        "lease_until": None,
+        "slot_at": None,
     }
     if secrets_used is not None:
         values["secrets_used"] = secrets_used
-    session.execute(sa.update(Job).where(Job.id == job_id).values(**values))  # type: ignore[arg-type]
-    session.commit()
+    if callback:
+        values["callback_state"] = "pending"
+    statement = sa.update(Job).where(Job.id == job_id)  # type: ignore[arg-type]
+    if attempt is not None:
+        statement = statement.where(Job.status == JobStatus.RUNNING.value,  # type: ignore[arg-type]
+                                    Job.attempts == attempt)  # type: ignore[arg-type]
+    else:
+        statement = statement.where(Job.status.not_in([s.value for s in FINAL_STATES]))  # type: ignore[attr-defined]
+    return _update(session, statement.values(**values))
 
 
-def fail(session: Session, job_id: str, exc: HubError, *, secrets_used: list[str] | None = None) -> None:
+def error_document(exc: HubError, **extra: Any) -> dict[str, Any]:
+    """A job's ``error``: the code and the safe message of ``exc``."""
+    return {"code": exc.code, "message": exc.message, **extra}
+
+
+def fail(session: Session, job_id: str, exc: HubError, *, attempt: int | None = None,
+         secrets_used: list[str] | None = None, result: dict[str, Any] | None = None,
+         callback: bool = False, **extra: Any) -> bool:
     """Record that the job failed for the reason ``exc`` names (its code and safe message)."""
-    finish(session, job_id, status=JobStatus.FAILED, error={"code": exc.code, "message": exc.message},
-           secrets_used=secrets_used)
+    return finish(session, job_id, status=JobStatus.FAILED, attempt=attempt, result=result,
+                  error=error_document(exc, **extra), secrets_used=secrets_used, callback=callback)

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from models import errors
 from models.base import utcnow
+from models.callbacks import reseal_callback_key
 from models.db import lock_row
-from models.tables import Connection, Secret
+from models.tables import Connection, Secret, Tenant
 from models.vault import Sealed, Vault
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,127}")
@@ -104,6 +105,7 @@ def rotate(engine: Engine, vault: Vault, *, batch_size: int = 200) -> RotationRe
                 .limit(batch_size)
             ).all()
             if not rows:
+                _rotate_callback_keys(session, vault, report)
                 return report
             for row in rows:
                 after = row.id
@@ -120,3 +122,20 @@ def rotate(engine: Engine, vault: Vault, *, batch_size: int = 200) -> RotationRe
                 )
                 report.resealed += changed.rowcount  # type: ignore[attr-defined]
             session.commit()
+
+
+def _rotate_callback_keys(session: Session, vault: Vault, report: RotationReport) -> None:
+    """The tenants' callback signing keys, sealed like secrets, re-encrypted the same way."""
+    for tenant_id, stored in session.execute(
+        sa.select(col(Tenant.id), col(Tenant.callback_key)).where(Tenant.callback_key.is_not(None))  # type: ignore[union-attr]
+    ).all():
+        try:
+            fresh = reseal_callback_key(vault, tenant_id, stored)
+        except errors.SecretUnreadable:
+            report.unreadable += 1
+            continue
+        if fresh is not None:
+            changed = session.execute(sa.update(Tenant).where(Tenant.id == tenant_id, Tenant.callback_key == stored)  # type: ignore[arg-type]
+                                      .values(callback_key=fresh))
+            report.resealed += changed.rowcount  # type: ignore[attr-defined]
+    session.commit()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -62,7 +62,31 @@ class Settings(BaseSettings):
     """Token requests tried this many times on timeouts, connection errors, 429 and 5xx."""
     token_backoff_s: float = 0.5
 
+    default_max_attempts: int = 3
+    """Attempts a job gets when its submission does not say (``max_attempts``, at most 10)."""
+    retry_base_s: float = 1.0
+    """The first retry waits up to this long; each next one up to twice as long (full jitter)."""
+    retry_cap_s: float = 60.0
+    """No backoff is longer than this."""
+    retry_after_cap_s: float = 300.0
+    """A service's ``Retry-After`` is honoured up to this many seconds (and cools its connection down)."""
+    rate_horizon_s: float = 30.0
+    """A job over its tenant's rate reserves a slot at most this far ahead; later, it asks again."""
+    rate_max_wait_s: float = 900.0
+    """A job that waited this long for its tenant's rate or its connection's cooldown fails ``rate_limited``."""
+    job_lease_s: float = 300.0
+    """A ``running`` job whose worker has not finished it after this long is taken as lost."""
+    sweep_interval_s: float = 10.0
+    """How often the sweeper (Celery beat) looks for lost jobs and expired results."""
+    sweep_grace_s: float = 60.0
+    """A job still waiting this long after its message was due has lost its message."""
+    max_dispatches: int = 5
+    """The sweeper sends a lost job again at most this many times, then fails it ``job_lost``."""
+    callback_attempts: int = 8
+    """Deliveries of a job's ``callback_url`` tried before giving up."""
+    callback_backoff_s: float = 2.0
     broker_visibility_timeout_s: int = 3600
+    """An unacknowledged message is delivered again after this long: longer than any countdown."""
     queue_name: str = "hub.jobs"
 
     max_wait_s: float = 30.0
@@ -72,6 +96,19 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         default=None, description="user:password that Flower asks for; comma-separate several."
     )
+
+    @model_validator(mode="after")
+    def _visibility_outlasts_every_countdown(self) -> Settings:
+        longest = max(self.rate_horizon_s, self.retry_cap_s, self.retry_after_cap_s, self.job_lease_s)
+        if self.broker_visibility_timeout_s <= longest + self.request_deadline_s:
+            raise ValueError(
+                "HUB_BROKER_VISIBILITY_TIMEOUT_S must be longer than any countdown or lease plus "
+                f"the request deadline ({longest + self.request_deadline_s:.0f} s): else a waiting message is "
+                "delivered twice"
+            )
+        if self.job_lease_s <= self.request_deadline_s:
+            raise ValueError("HUB_JOB_LEASE_S must be longer than HUB_REQUEST_DEADLINE_S")
+        return self
 
     def master_keys_value(self) -> str | None:
         """``HUB_MASTER_KEYS`` as given, for the vault."""

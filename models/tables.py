@@ -40,6 +40,8 @@ class Tenant(SQLModel, table=True):
     rate_per_s: float | None = None
     burst: int | None = None
     max_inflight: int | None = None
+    callback_key: str | None = Field(default=None, max_length=200)
+    """The key that signs the tenant's callbacks, sealed by the vault; made on first use."""
     created_at: datetime = _time()
 
 
@@ -141,7 +143,11 @@ class Job(SQLModel, table=True):
     outlives the connection it ran through.
     """
 
-    __table_args__ = (sa.Index("ix_job_tenant_id_status", "tenant_id", "status"),)
+    __table_args__ = (
+        sa.Index("ix_job_tenant_id_status", "tenant_id", "status"),
+        sa.Index("ix_job_status_due_at", "status", "due_at"),
+        sa.Index("ix_job_finished_at", "finished_at"),
+    )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=36)
     tenant_id: str = _tenant()
@@ -157,6 +163,18 @@ class Job(SQLModel, table=True):
     created_at: datetime = _time()
     started_at: datetime | None = _time(nullable=True)
     finished_at: datetime | None = _time(nullable=True)
+    due_at: datetime | None = _time(nullable=True)
+    """When the job's current message is due at a worker; None: no message was sent yet."""
+    slot_at: datetime | None = _time(nullable=True)
+    """The rate-limit slot the job reserved for its next attempt, if it reserved one."""
+    lease_until: datetime | None = _time(nullable=True)
+    """While ``running``: after this the job is taken as lost and dispatched again."""
+    dispatches: int = 0
+    """Times the sweeper sent the job again because its message or its worker was lost."""
+    callback_url: str | None = Field(default=None, max_length=2048)
+    callback_state: str | None = Field(default=None, max_length=20)
+    """``pending``, ``delivered`` or ``failed`` once the job is final and has a ``callback_url``."""
+    callback_attempts: int = 0
 
 
 class IdempotencyKey(SQLModel, table=True):

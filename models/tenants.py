@@ -39,6 +39,36 @@ def create_tenant(
     return tenant
 
 
+def set_limits(
+    session: Session,
+    *,
+    name: str,
+    rate_per_s: float | None = None,
+    burst: int | None = None,
+    max_inflight: int | None = None,
+) -> Tenant:
+    """Change the tenant's limits: a value given replaces the tenant's, ``0`` (``-1`` for the
+    burst) goes back to the default, None leaves it as it is."""
+    tenant = session.exec(select(Tenant).where(Tenant.name == name)).first()
+    if tenant is None:
+        raise errors.NotFound(f"no tenant named {name!r}")
+    if rate_per_s is not None:
+        if rate_per_s < 0:
+            raise errors.InvalidInput("the rate must be positive (0: the default)")
+        tenant.rate_per_s = rate_per_s or None
+    if burst is not None:
+        if burst < -1:
+            raise errors.InvalidInput("the burst must be 0 or more (-1: the default)")
+        tenant.burst = None if burst == -1 else burst
+    if max_inflight is not None:
+        if max_inflight < 0:
+            raise errors.InvalidInput("the in-flight quota must be positive (0: the default)")
+        tenant.max_inflight = max_inflight or None
+    session.add(tenant)
+    session.flush()
+    return tenant
+
+
 def issue_key(session: Session, *, tenant_id: str) -> str:
     """A new API key for the tenant; the only time its plaintext exists."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)

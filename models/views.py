@@ -123,11 +123,20 @@ class AuthResult(BaseModel):
     cached: bool
 
 
-class JobErrorPublic(BaseModel):
-    """Why a job failed: a stable code and a message without secrets."""
+class LastError(BaseModel):
+    """The error of an attempt: a stable code and a message without secrets."""
 
     code: str
     message: str
+    status_code: int | None = None
+    """With ``upstream_status``: the HTTP status the service answered."""
+
+
+class JobErrorPublic(LastError):
+    """Why a job failed, or, while it is ``retrying``, why its last attempt will be tried again."""
+
+    last: LastError | None = None
+    """With ``retries_exhausted``: the error of the last attempt."""
 
 
 class JobPublic(BaseModel):
@@ -145,6 +154,9 @@ class JobPublic(BaseModel):
     result: JobResult | AuthResult | None
     secrets_used: list[str]
     error: JobErrorPublic | None
+    callback_url: str | None = None
+    callback_state: Literal["pending", "delivered", "failed"] | None = None
+    """Once the job is final: whether its callback was delivered (a 2xx answer) yet."""
 
 
 def shown(shape: type[BaseModel], row: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from celery import Celery, signals
 from models.errors import HubError
 from models.settings import Settings, get_settings
 from models.vault import Vault
+from worker.keys import SWEEP_TASK
 
 
 def create_app(settings: Settings) -> Celery:
@@ -33,6 +34,13 @@ def create_app(settings: Settings) -> Celery:
         broker_connection_timeout=4,
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
         # The API must answer quickly when the broker is down (503 broker_unavailable).
+        # The sweeper (worker.sweeper), sent by `integration-hub beat`; a sweep nobody took
+        # before the next one is due is dropped.
+        beat_schedule={
+            "sweep": {"task": SWEEP_TASK, "schedule": settings.sweep_interval_s,
+                      "options": {"expires": settings.sweep_interval_s}},
+        },
+        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         task_publish_retry_policy={
             "max_retries": 2,
             "interval_start": 0,

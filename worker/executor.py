@@ -1,17 +1,19 @@
 """Running one job: claim it, load what it needs, get its token, render, guard, call, store.
 
-Every path ends with the job in a final state: the service's answer (``succeeded``), or a
-``failed`` job whose error code says why. A job that is not ``queued`` is left alone, which
-is what makes a redelivered message harmless.
+Every path ends with the job in a final state (the service's answer, ``succeeded``, or a
+``failed`` job whose error code says why), or waiting with its next message sent: over the
+tenant's rate (``queued``) or after an attempt the retry policy retries (``retrying``). A job
+that is not waiting is left alone, which is what makes a redelivered message harmless.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -20,12 +22,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from models import errors, jobs, rules, secrets
-from models.base import rfc3339
+from models.base import as_utc, rfc3339, utcnow
 from models.jobs import JobStatus
 from models.settings import Settings
-from models.tables import Connection, Job, Request
+from models.tables import Connection, Job, Request, Tenant
 from models.vault import Vault
-from worker import credentials, guard, oauth, render, tls, upstream
+from worker import credentials, guard, oauth, ratelimit, render, retries, tls, upstream
 from worker.tokens import Cached, TokenCache
 
 log = logging.getLogger("hub.worker")
@@ -41,6 +43,28 @@ class Runtime:
     vault: Vault
     tokens: TokenCache
     resolve: guard.Resolver = guard.system_resolver
+    limiter: ratelimit.Limiter | None = None
+    """The tenants' rates and the connections' cooldowns; None: no limits (unit tests)."""
+    dispatch: Callable[[str, float], None] = field(default=lambda job_id, delay_s: None)
+    """Sends a job id to the workers again, due in ``delay_s`` seconds. If it fails (the broker
+    is down), the sweeper sends the job once its ``due_at`` is past."""
+    notify: Callable[[Job], None] = field(default=lambda job: None)
+    """Queues the delivery of a finished job to its ``callback_url``."""
+    _rates: dict[str, tuple[float, ratelimit.Rate]] = field(default_factory=dict)
+
+    def rate(self, session: Session, tenant_id: str) -> ratelimit.Rate:
+        """The tenant's outbound rate: its own values, else the defaults; read at most every
+        ``RATE_TTL_S`` seconds per process, so a change with the CLI applies within that."""
+        cached = self._rates.get(tenant_id)
+        if cached is not None and time.monotonic() - cached[0] < RATE_TTL_S:
+            return cached[1]
+        tenant = session.get(Tenant, tenant_id)
+        rate = ratelimit.Rate(
+            per_s=(tenant.rate_per_s if tenant and tenant.rate_per_s else self.settings.default_rate_per_s),
+            burst=(tenant.burst if tenant and tenant.burst is not None else self.settings.default_burst),
+        )
+        self._rates[tenant_id] = (time.monotonic(), rate)
+        return rate
 
     @contextmanager
     def client_for(self, session: Session, connection: Connection, used: list[str]) -> Iterator[httpx.Client]:
@@ -59,28 +83,30 @@ class Runtime:
         with upstream.build_client(self.settings, transport=transport) as client:
             yield client
 
-    def destination(self, url: str, connection: Connection) -> tuple[str, int, list[str]]:
+    def destination(self, url: str, connection: Connection | None) -> tuple[str, int, list[str]]:
         """Where ``url`` may be reached: its host, port and the checked addresses to connect
-        to. Refused unless the scheme is allowed, the host is one of the connection's, and
-        every address the host resolves to passes the guard."""
+        to. Refused unless the scheme is allowed, the host is one of the connection's (None:
+        a callback, which has no connection), and every address the host resolves to passes
+        the guard."""
         parts = urlsplit(url)
         allowed_schemes = ("https", "http") if self.settings.allow_http else ("https",)
         if parts.scheme not in allowed_schemes or not parts.hostname:
             raise errors.Blocked("the URL's scheme is not allowed")
-        if parts.hostname.lower() not in connection.allowed_hosts:
+        if connection is not None and parts.hostname.lower() not in connection.allowed_hosts:
             raise errors.Blocked("the host is not among the connection's allowed hosts")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         addresses = guard.checked_addresses(parts.hostname, port, resolve=self.resolve,
                                             allow_private=self.settings.allow_private_destinations)
         return parts.hostname, port, addresses
 
-    def send_checked(self, client: httpx.Client, outgoing: render.Outgoing, connection: Connection) -> upstream.Captured:
+    def send_checked(self, client: httpx.Client, outgoing: render.Outgoing, connection: Connection, *,
+                     deadline_s: float | None = None) -> upstream.Captured:
         """Send ``outgoing`` to its checked address, following up to ``MAX_REDIRECTS`` redirects
         by hand, each hop checked again; credentials stay behind when the host changes."""
         for _ in range(MAX_REDIRECTS + 1):
             with guard.pinned(*self.destination(outgoing.url, connection)):
                 captured = upstream.send(client, outgoing, cap=self.settings.response_cap_bytes,
-                                         deadline_s=self.settings.request_deadline_s)
+                                         deadline_s=deadline_s or self.settings.request_deadline_s)
             location = captured.headers.get("location")
             if captured.status_code not in REDIRECTS or not location:
                 return captured
@@ -96,6 +122,8 @@ class Runtime:
 
         return credentials.obtain(session, connection, cache=self.tokens, send=send, used=used)
 
+
+RATE_TTL_S = 10.0
 
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
@@ -115,38 +143,152 @@ def redirected(outgoing: render.Outgoing, status: int, location: str) -> render.
     return render.Outgoing(method=method, url=url, headers=headers, query={}, content=content)
 
 
+@dataclass
+class Attempt:
+    """One attempt at a job: its number, the secrets it read, and the method it sent."""
+
+    number: int
+    used: list[str] = field(default_factory=list)
+    method: str | None = None
+
+    def secrets_used(self) -> list[str]:
+        return sorted(set(self.used))
+
+
 def run_job(job_id: str, runtime: Runtime) -> None:
-    """Execute the job ``job_id`` if it is still queued, and record its outcome."""
+    """Execute the job ``job_id`` if it is waiting for a worker, and record its outcome.
+
+    Over its tenant's rate, or while its connection cools down, the job is sent again for
+    later and stays waiting. An attempt that fails in a way the retry policy retries leaves
+    the job ``retrying`` and sends it again after a backoff; any other end is final.
+    """
     with Session(runtime.engine, expire_on_commit=False) as session:
-        if not jobs.claim(session, job_id):
-            log.info("job %s not queued; delivery ignored", job_id)
-            return
         job = session.get(Job, job_id)
-        assert job is not None  # claimed just now
-        log.info("job %s running (tenant %s, connection %s)", job.id, job.tenant_id, job.connection_id)
-        used: list[str] = []
+        now = utcnow()
+        if job is None or not jobs.claimable(job, now):
+            log.info("job %s not waiting; delivery ignored", job_id)
+            return
+        if runtime.limiter is not None and not _admitted(session, job, runtime, now):
+            return
+        deadline_s = float(job.params.get("timeout_s") or runtime.settings.request_deadline_s)
+        number = jobs.claim(session, job_id, lease_s=runtime.settings.job_lease_s + deadline_s, now=now)
+        if number is None:
+            log.info("job %s claimed by another delivery", job_id)
+            return
+        attempt = Attempt(number)
+        log.info("job %s running attempt %d (tenant %s, connection %s)", job.id, number, job.tenant_id,
+                 job.connection_id)
         try:
-            result = _execute(session, job, runtime, used)
+            answer = _execute(session, job, runtime, attempt, deadline_s)
         except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
-            jobs.fail(session, job_id, exc, secrets_used=sorted(set(used)))
-            log.info("job %s failed: %s", job_id, exc.code)
+            _settle(session, job, runtime, attempt, error=exc)
             return
         except Exception as exc:
             # The type only: an exception's text may quote a URL, a header or a secret.
             log.error("job %s failed unexpectedly: %s", job_id, type(exc).__name__)
             session.rollback()
-            jobs.fail(session, job_id, errors.HubError(), secrets_used=sorted(set(used)))
+            _settle(session, job, runtime, attempt, error=errors.HubError())
             return
-        jobs.finish(session, job_id, status=JobStatus.SUCCEEDED, result=result, secrets_used=sorted(set(used)))
-        log.info("job %s succeeded", job_id)
+        _settle(session, job, runtime, attempt, answer=answer)
 
 
-def _execute(session: Session, job: Job, runtime: Runtime, used: list[str]) -> dict[str, Any]:
+def _admitted(session: Session, job: Job, runtime: Runtime, now: datetime) -> bool:
+    """Whether the job may call out now; if not, it is sent again for when it may."""
+    assert runtime.limiter is not None
+    slot = as_utc(job.slot_at)
+    reserved = slot is not None and slot <= now + SLOT_EARLY
+    decision = runtime.limiter.acquire(job.tenant_id, job.connection_id, runtime.rate(session, job.tenant_id),
+                                       reserved=reserved)
+    if decision.outcome is ratelimit.Outcome.GO:
+        return True
+    waited = (now - (as_utc(job.created_at) or now)).total_seconds()
+    if waited + decision.delay_s > runtime.settings.rate_max_wait_s:
+        reason = "its connection is cooling down" if decision.outcome is ratelimit.Outcome.COOLING_DOWN else \
+            "its tenant's rate"
+        if jobs.fail(session, job.id, errors.RateLimited(f"the job waited too long for {reason}"),
+                     callback=bool(job.callback_url)):
+            log.info("job %s failed: rate_limited", job.id)
+            runtime.notify(job)
+        return False
+    due = now + timedelta(seconds=decision.delay_s)
+    slot_at = due if decision.outcome is ratelimit.Outcome.RESERVED else None
+    if jobs.defer(session, job.id, due_at=due, slot_at=slot_at):
+        log.info("job %s deferred %.3f s (%s)", job.id, decision.delay_s, decision.outcome.name.lower())
+        runtime.dispatch(job.id, decision.delay_s)
+    return False
+
+
+SLOT_EARLY = timedelta(milliseconds=100)
+"""A reserved slot counts from this much before it: Celery's timers are not that precise."""
+
+
+def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, *,
+            answer: Answer | None = None, error: errors.HubError | None = None) -> None:
+    """Record how the attempt ended: final, or ``retrying`` when the policy retries it."""
+    settings = runtime.settings
+    used = attempt.secrets_used()
+    result = answer.result if answer else None
+    last: dict[str, Any]
+    if answer is not None and answer.status_code is not None:
+        asked = retries.retry_after(answer.retry_after)
+        if answer.status_code == 429 and asked is not None and runtime.limiter is not None:
+            runtime.limiter.cool_down(job.connection_id, min(asked, settings.retry_after_cap_s))
+        again = retries.retried(status_code=answer.status_code)
+        last = {"code": "upstream_status", "message": f"the service answered {answer.status_code}",
+                "status_code": answer.status_code}
+    elif error is not None:
+        asked, again = None, retries.retried(error_code=error.code)
+        last = jobs.error_document(error)
+    else:  # the auth action's answer
+        asked, again, last = None, False, {}
+    again = again and retries.repeatable(attempt.method, idempotency_key=bool(job.params.get("idempotency_key")))
+    callback = bool(job.callback_url)
+    max_attempts = int(job.params.get("max_attempts") or settings.default_max_attempts)
+    if again and attempt.number < max_attempts:
+        wait = retries.delay(attempt.number, asked_s=asked, base_s=settings.retry_base_s, cap_s=settings.retry_cap_s,
+                             retry_after_cap_s=settings.retry_after_cap_s)
+        due = utcnow() + timedelta(seconds=wait)
+        if jobs.retry_later(session, job.id, attempt.number, due_at=due, error=last, result=result, secrets_used=used):
+            log.info("job %s attempt %d: %s; retrying in %.3f s", job.id, attempt.number, last["code"], wait)
+            runtime.dispatch(job.id, wait)
+        return
+    if again:
+        exhausted = errors.RetriesExhausted(f"{attempt.number} attempts failed; the last: {last['message']}")
+        recorded = jobs.fail(session, job.id, exhausted, attempt=attempt.number, result=result, secrets_used=used,
+                             callback=callback, last=last)
+        outcome = exhausted.code
+    elif error is not None:
+        recorded = jobs.fail(session, job.id, error, attempt=attempt.number, secrets_used=used, callback=callback)
+        outcome = error.code
+    else:
+        assert answer is not None
+        recorded = jobs.finish(session, job.id, status=JobStatus.SUCCEEDED, attempt=attempt.number, result=result,
+                               secrets_used=used, callback=callback)
+        outcome = "succeeded"
+    if not recorded:
+        log.info("job %s attempt %d outlived its lease; its outcome is dropped", job.id, attempt.number)
+        return
+    log.info("job %s finished after %d attempt(s): %s", job.id, attempt.number, outcome)
+    runtime.notify(job)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What an attempt got back: the job's ``result``, and the HTTP status and ``Retry-After``
+    of the service's answer (None for the auth action)."""
+
+    result: dict[str, Any]
+    status_code: int | None = None
+    retry_after: str | None = None
+
+
+def _execute(session: Session, job: Job, runtime: Runtime, attempt: Attempt, deadline_s: float) -> Answer:
+    used = attempt.used
     connection = session.get(Connection, job.connection_id)
     if connection is None or connection.tenant_id != job.tenant_id:
         raise errors.ReferenceGone()
     if job.action == "auth":
-        return _auth(session, connection, runtime, used)
+        return Answer(_auth(session, connection, runtime, used))
     if job.action == "adhoc":  # defined in the submission, checked then, never stored
         request: Request | None = Request(tenant_id=job.tenant_id, connection_id=connection.id, name="adhoc",
                                           kind="studio", **job.params["adhoc"])
@@ -154,15 +296,16 @@ def _execute(session: Session, job: Job, runtime: Runtime, used: list[str]) -> d
         request = session.get(Request, job.request_id) if job.request_id else None
     if request is None or request.connection_id != connection.id:
         raise errors.ReferenceGone()
+    attempt.method = request.method
     with runtime.client_for(session, connection, used) as client:
         token = runtime.token(session, connection, client, used) if credentials.token_required(connection) else None
-        captured = _call(session, job, connection, request, runtime, client, used, token)
+        captured = _call(session, job, connection, request, runtime, client, used, token, deadline_s)
         if captured.status_code == 401 and token is not None and token.cached:
             # The service refused a token another job had cached: drop it, get a fresh one, once.
             runtime.tokens.drop(credentials.slot(connection), token)
             token = runtime.token(session, connection, client, used)
-            captured = _call(session, job, connection, request, runtime, client, used, token)
-    return upstream.result_document(captured)
+            captured = _call(session, job, connection, request, runtime, client, used, token, deadline_s)
+    return Answer(upstream.result_document(captured), captured.status_code, captured.headers.get("retry-after"))
 
 
 def _call(
@@ -174,6 +317,7 @@ def _call(
     client: httpx.Client,
     used: list[str],
     token: Cached | None,
+    deadline_s: float,
 ) -> upstream.Captured:
     names = rules.secret_names(request.url, request.headers, request.query, request.body,
                                connection.auth_header_values)
@@ -201,7 +345,7 @@ def _call(
         outgoing.headers["Idempotency-Key"] = key  # the service can drop a repeat too
     if outgoing.method not in connection.template["verbs"]:
         raise errors.VerbNotAllowed()
-    return runtime.send_checked(client, outgoing, connection)
+    return runtime.send_checked(client, outgoing, connection, deadline_s=deadline_s)
 
 
 def _auth(session: Session, connection: Connection, runtime: Runtime, used: list[str]) -> dict[str, Any]:

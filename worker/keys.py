@@ -14,3 +14,22 @@ def token_key(tenant_id: str, connection_id: str, version: int) -> str:
 def token_lock_key(tenant_id: str, connection_id: str, version: int) -> str:
     """The lock that lets one worker at a time request a connection's token."""
     return f"hub:token-lock:{tenant_id}:{connection_id}:v{version}"
+
+CALLBACK_TASK = "hub.callback"
+"""The task that delivers a finished job to its ``callback_url``; its only argument is the job id."""
+
+SWEEP_TASK = "hub.sweep"
+"""The periodic task (Celery beat) that sends lost jobs again and deletes expired ones."""
+
+SWEEP_LOCK_KEY = "hub:sweep-lock"
+"""Held while one sweep runs, so two beats never sweep at once."""
+
+
+def rate_key(tenant_id: str) -> str:
+    """A tenant's rate-limit state: the theoretical arrival time of its next request (µs)."""
+    return f"hub:rate:{tenant_id}"
+
+
+def cooldown_key(connection_id: str) -> str:
+    """Set, with a TTL, while a connection cools down after a ``429`` with ``Retry-After``."""
+    return f"hub:cooldown:{connection_id}"

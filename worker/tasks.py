@@ -4,22 +4,41 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 import redis
 
+from models import errors
 from models.db import get_engine
 from models.settings import get_settings
+from models.tables import Job
 from models.vault import Vault
-from worker import guard, tls, upstream
+from worker import callbacks, guard, ratelimit, sweeper, tls, upstream
 from worker.celery_app import app
+from worker.dispatch import send
 from worker.executor import Runtime, run_job
-from worker.keys import EXECUTE_TASK
+from worker.keys import CALLBACK_TASK, EXECUTE_TASK, SWEEP_LOCK_KEY, SWEEP_TASK
 from worker.tokens import TokenCache
 
 # httpx logs every request's URL at INFO, and a URL may carry a secret or a token.
 logging.getLogger("httpx").setLevel(logging.WARNING)
+log = logging.getLogger("hub.worker")
 
 _runtimes: dict[int, Runtime] = {}
+
+
+def _later(task: str, job_id: str, delay_s: float = 0.0) -> None:
+    """Queue ``task(job_id)`` from a worker. A broker that is down is logged, not raised: the
+    job's ``due_at`` (or pending callback) is in the database, and the sweeper sends it."""
+    try:
+        send(app, task, job_id, delay_s)
+    except errors.BrokerUnavailable:
+        log.warning("job %s: the broker is unavailable; the sweeper will send it", job_id)
+
+
+def _notify(job: Job) -> None:
+    if job.callback_url:
+        _later(CALLBACK_TASK, job.id)
 
 
 def runtime() -> Runtime:
@@ -28,12 +47,16 @@ def runtime() -> Runtime:
     if current is None:
         settings = get_settings()
         vault = Vault.from_setting(settings.master_keys_value())
+        client = redis.Redis.from_url(settings.effective_redis_url())
         current = _runtimes[os.getpid()] = Runtime(
             settings=settings,
             engine=get_engine(settings.effective_database_url()),
             client=upstream.build_client(settings, transport=guard.PinnedTransport(tls.context(settings))),
             vault=vault,
-            tokens=TokenCache(redis.Redis.from_url(settings.effective_redis_url()), vault, settings),
+            tokens=TokenCache(client, vault, settings),
+            limiter=ratelimit.Limiter(client, horizon_s=settings.rate_horizon_s),
+            dispatch=lambda job_id, delay_s: _later(EXECUTE_TASK, job_id, delay_s),
+            notify=_notify,
         )
     return current
 
@@ -42,3 +65,29 @@ def runtime() -> Runtime:
 def execute(job_id: str) -> None:
     """Run the job ``job_id``. The message carries the id only: the worker loads the rest."""
     run_job(job_id, runtime())
+
+
+@app.task(name=CALLBACK_TASK, acks_late=True, ignore_result=True)
+def callback(job_id: str) -> None:
+    """Deliver the finished job ``job_id`` to its ``callback_url``; on failure, send itself again
+    after a backoff (a new message, so no worker slot waits)."""
+    wait = callbacks.deliver(job_id, runtime())
+    if wait is not None:
+        _later(CALLBACK_TASK, job_id, wait)
+
+
+@app.task(name=SWEEP_TASK, acks_late=False, ignore_result=True)
+def sweep() -> None:
+    """Celery beat's periodic sweep (see :mod:`worker.sweeper`), one at a time across workers."""
+    current = runtime()
+    lock = current.tokens.redis.set(SWEEP_LOCK_KEY, uuid.uuid4().hex, nx=True,
+                                    px=int(max(current.settings.sweep_interval_s, 30.0) * 1000))
+    if not lock:
+        return
+    try:
+        sweeper.sweep(current.engine, current.settings, sweeper.Senders(
+            dispatch=lambda job_id: send(app, EXECUTE_TASK, job_id),
+            notify=lambda job_id: send(app, CALLBACK_TASK, job_id),
+        ))
+    finally:
+        current.tokens.redis.delete(SWEEP_LOCK_KEY)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
+import sqlalchemy as sa
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
@@ -15,16 +19,23 @@ from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
 from models import errors, idempotency, jobs, rules
 from models.base import utcnow
+from models.db import lock_row
 from models.jobs import JobStatus
 from models.schemas import ExecutionCreate
-from models.tables import Connection, Job
+from models.tables import Connection, Job, Tenant
 from models.tables import Request as StoredRequest
-from models.views import JobPublic, Page, job_public
+from models.views import JobPublic, Page, Problem, job_public
+
+log = logging.getLogger("hub.api")
 
 router = APIRouter(prefix="/v1/executions", tags=["executions"], responses=RESPONSES)
 
 
-@router.post("", status_code=202, response_model=JobPublic)
+@router.post("", status_code=202, response_model=JobPublic, responses={
+    200: {"model": JobPublic, "description": "The job an earlier submission with this Idempotency-Key made."},
+    429: {"model": Problem, "description": "As many jobs in flight as the tenant's quota (`tenant_quota_exceeded`), "
+                                           "with `Retry-After`."},
+})
 def submit(
     body: ExecutionCreate,
     request: Request,
@@ -51,7 +62,7 @@ def submit(
             return job_public(_load(session, tenant.id, first))
     connection = by_id_or_name(session, Connection, body.connection, tenant_id=tenant.id)
     if body.action is not None:
-        return _queue(request, response, session, _auth_job(body, connection), once)
+        return _queue(request, response, session, _auth_job(body, connection), body, tenant, once)
     stored = None
     if body.adhoc is not None:  # checked as a studio request of the connection would be
         spec = body.adhoc.model_dump()
@@ -80,7 +91,8 @@ def submit(
         path_params=body.path_params,
         variables=body.variables,
     )
-    params: dict[str, Any] = {"path_params": body.path_params, "variables": body.variables}
+    params: dict[str, Any] = {"path_params": body.path_params, "variables": body.variables,
+                              "method": spec["method"] if stored is None else stored.method}
     if stored is None:
         params["adhoc"] = spec
     if once is not None:
@@ -94,7 +106,7 @@ def submit(
         params=params,
         secrets_used=[],
     )
-    return _queue(request, response, session, job, once)
+    return _queue(request, response, session, job, body, tenant, once)
 
 
 def _auth_job(body: ExecutionCreate, connection: Connection) -> Job:
@@ -109,10 +121,31 @@ def _auth_job(body: ExecutionCreate, connection: Connection) -> Job:
                status=JobStatus.QUEUED.value, params={}, secrets_used=[])
 
 
-def _queue(request: Request, response: Response, session: Session, job: Job,
-           once: tuple[str, str] | None) -> dict[str, Any]:
-    """Store the job (and its idempotency key), then send its id to the workers; a job that
-    cannot be sent is failed. A concurrent submission with the same key gets the first job."""
+def _queue(request: Request, response: Response, session: Session, job: Job, body: ExecutionCreate,
+           tenant: Tenant, once: tuple[str, str] | None) -> dict[str, Any]:
+    """Store the job (and its idempotency key) within the tenant's in-flight quota, then send
+    its id to the workers. A job that cannot be sent yet (the broker is down) stays ``queued``
+    and the sweeper sends it when the broker is back. A concurrent submission with the same key
+    gets the first job."""
+    settings = request.app.state.settings
+    job.params.update(max_attempts=body.max_attempts or settings.default_max_attempts)
+    if body.timeout_s is not None:
+        job.params["timeout_s"] = body.timeout_s
+    if body.callback_url is not None:
+        job.callback_url = _check_callback_url(body.callback_url, allow_http=settings.allow_http)
+    lock_row(session, Tenant, tenant.id)  # submissions of one tenant queue here: the count holds
+    quota = tenant.max_inflight or settings.default_max_inflight
+    in_flight = session.execute(
+        sa.select(sa.func.count()).select_from(Job)
+        .where(Job.tenant_id == tenant.id, Job.status.in_(jobs.IN_FLIGHT))  # type: ignore[arg-type,attr-defined]
+    ).scalar_one()
+    if in_flight >= quota:
+        session.rollback()
+        rate = tenant.rate_per_s or settings.default_rate_per_s
+        wait = min(60, max(1, math.ceil((in_flight - quota + 1) / rate)))
+        raise errors.TenantQuotaExceeded(
+            f"{in_flight} jobs in flight, the tenant's quota is {quota}; try again in {wait} s", retry_after=wait)
+    job.due_at = utcnow()
     session.add(job)
     if once is not None:
         idempotency.remember(session, tenant_id=job.tenant_id, key=once[0], hashed=once[1], job_id=job.id)
@@ -129,10 +162,25 @@ def _queue(request: Request, response: Response, session: Session, job: Job,
         return job_public(_load(session, job.tenant_id, first))
     try:
         request.app.state.enqueue(job.id)
-    except errors.BrokerUnavailable as exc:
-        jobs.fail(session, job.id, exc)  # recorded, not lost: the caller sees it in the list
-        raise
+    except errors.BrokerUnavailable:
+        # Stored, not lost: no due time marks it as never sent, and the sweeper sends it.
+        session.execute(sa.update(Job).where(Job.id == job.id).values(due_at=None))  # type: ignore[arg-type]
+        session.commit()
+        log.warning("job %s stored; the broker is unavailable, the sweeper will send it", job.id)
     return job_public(job)
+
+
+def _check_callback_url(url: str, *, allow_http: bool) -> str:
+    """A callback URL must be absolute, with a host, over https (or http when allowed). Where
+    it resolves is checked by the worker's destination guard when it calls."""
+    parts = urlsplit(url)
+    schemes = ("https", "http") if allow_http else ("https",)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise errors.InvalidInput(
+            f"callback_url must be an absolute {' or '.join(schemes)} URL",
+            errors=[{"loc": ["body", "callback_url"], "msg": f"must be an absolute {' or '.join(schemes)} URL"}],
+        )
+    return url
 
 
 def _load(session: Session, tenant_id: str, job_id: str) -> Job:

@@ -22,6 +22,7 @@ from api_shim.queue import celery_enqueue
 from models.errors import BrokerUnavailable
 from tests.conftest import new_tenant, test_settings
 from worker.celery_app import create_app
+from worker.sweeper import Senders, sweep
 
 CLOSED = "redis://127.0.0.1:1/0"  # nothing listens on port 1 of loopback
 
@@ -91,10 +92,13 @@ def test_readyz_reports_redis_and_database(engine: Engine, database_url: str, re
     assert body["checks"]["redis"].startswith("unavailable")
 
 
-def test_a_job_that_cannot_be_queued_is_failed_not_lost(engine: Engine, database_url: str) -> None:
+@pytest.mark.integration
+def test_a_job_submitted_while_the_broker_is_down_is_sent_by_the_sweeper_when_it_is_back(
+    engine: Engine, database_url: str, redis_url: str
+) -> None:
     # Given the API with the real Celery sender and a broker that does not answer
-    app = create_api(test_settings(database_url, redis_url=CLOSED), engine=engine,
-                     enqueue=celery_enqueue(create_app(test_settings(database_url, redis_url=CLOSED))))
+    settings = test_settings(database_url, redis_url=CLOSED)
+    app = create_api(settings, engine=engine, enqueue=celery_enqueue(create_app(settings)))
     _tenant, key = new_tenant(engine, "queue-down")
     auth = {"Authorization": f"Bearer {key}"}
     with TestClient(app) as client:
@@ -104,8 +108,23 @@ def test_a_job_that_cannot_be_queued_is_failed_not_lost(engine: Engine, database
         client.post("/v1/connections/c/requests", headers=auth, json={"name": "r", "method": "GET", "url": "/x"})
         # When a job is submitted
         submitted = client.post("/v1/executions", headers=auth, json={"connection": "c", "request": "r"})
-        # Then the caller gets a 503 with a code, and the job is recorded as failed, not dropped
-        assert submitted.status_code == 503
-        assert submitted.json()["code"] == "broker_unavailable"
-        failed = client.get("/v1/executions?status=failed", headers=auth).json()["items"]
-    assert [job["error"]["code"] for job in failed] == ["broker_unavailable"]
+        # Then the caller gets a 202 and the job is stored, waiting, not failed and not lost
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        assert [job["id"] for job in client.get("/v1/executions?status=queued", headers=auth).json()["items"]] == [job_id]
+
+    # When the broker is back (a real Redis) and the sweeper runs
+    queue = f"hub.test.{uuid.uuid4().hex}"
+    live = create_app(test_settings(database_url, redis_url=redis_url, queue_name=queue))
+    send = celery_enqueue(live)
+    report = sweep(engine, settings, Senders(dispatch=send, notify=send))
+    # Then the job's id is on the queue, once
+    broker = redis.Redis.from_url(redis_url)
+    try:
+        raw = broker.lrange(queue, 0, -1)
+        assert report.redispatched == 1
+        assert [json.loads(base64.b64decode(json.loads(m)["body"]))[0] for m in raw] == [[job_id]]
+    finally:
+        broker.delete(queue)
+        broker.close()
+        live.close()
