@@ -173,7 +173,7 @@ def run_job(job_id: str, runtime: Runtime) -> None:
         deadline_s = float(job.params.get("timeout_s") or runtime.settings.request_deadline_s)
         number = jobs.claim(session, job_id, lease_s=runtime.settings.job_lease_s + deadline_s, now=now)
         if number is None:
-            log.info("job %s claimed by another delivery", job_id)
+            log.info("job %s not waiting; delivery ignored", job_id)  # another delivery claimed it
             return
         attempt = Attempt(number)
         log.info("job %s running attempt %d (tenant %s, connection %s)", job.id, number, job.tenant_id,

@@ -65,7 +65,9 @@ def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory, request: pyt
     }
     subprocess.run([*processes.HUB, "migrate"], env=env, check=True, timeout=60, capture_output=True)
     created = subprocess.run(
-        [*processes.HUB, "tenants", "create", f"e2e-{os.getpid()}-{api_port}"],
+        # limits high enough not to bite: the tests of rates and quotas make tenants of their own
+        [*processes.HUB, "tenants", "create", f"e2e-{os.getpid()}-{api_port}", "--rate", "1000", "--burst", "1000",
+         "--max-inflight", "1000"],
         env=env, check=True, timeout=60, capture_output=True, text=True,
     )
     key = created.stdout.strip().splitlines()[-1]

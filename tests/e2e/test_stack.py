@@ -113,7 +113,7 @@ def test_a_redelivered_message_does_not_call_the_upstream_twice(stack: Stack, cl
     assert job["status"] == "succeeded"
     assert job["attempts"] == 1
     # (both extra deliveries were consumed, and ignored, by the worker)
-    ignored = f"job {job_id} not queued; delivery ignored"
+    ignored = f"job {job_id} not waiting; delivery ignored"
     wait_until(lambda: stack.worker_logs().count(ignored) == 2, "the extra deliveries", timeout=30)
     stats = httpx.get(f"{stack.upstream}/stats", timeout=5).json()
     assert stats["/echo/redelivery-probe"] == 1
