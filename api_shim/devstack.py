@@ -2,7 +2,7 @@
 
 It starts, in order: a Redis server (unless ``HUB_REDIS_URL`` is set), the migrations on a
 SQLite file in the data directory (unless ``HUB_DATABASE_URL`` is set), a demo tenant, the
-demo upstream, the API, one Celery worker and Flower. Each child runs in its own session (so
+demo upstream, the API, one Celery worker, Celery beat (the sweeper) and Flower. Each child runs in its own session (so
 the terminal's Ctrl-C reaches only this process) and gets a parent-death signal (so nothing
 outlives this process even if it is killed). On Ctrl-C or SIGTERM it stops them in reverse
 order: SIGTERM to each child's main process, then, after a grace period, SIGKILL to what is
@@ -226,6 +226,7 @@ def run(settings: Settings, *, host: str, port: int, flower_port: int, upstream_
 
         probe = create_app(settings.model_copy(update={"redis_url": redis_url}))
         _wait_until("the worker", lambda: bool(probe.control.ping(timeout=0.5)), stack, child)
+        stack.start("beat", [*hub, "beat"])  # the sweeper: sends lost jobs again, deletes expired ones
         child = stack.start("flower", [*hub, "flower", "--address", host, "--port", str(flower_port)])
         _wait_until("Flower", lambda: _http_ok(f"http://{host}:{flower_port}/healthcheck"), stack, child)
 

@@ -50,7 +50,8 @@ def dev(tmp_path: Path) -> Iterator[Dev]:
     empty_path.mkdir()
     api, flower, upstream = (processes.free_port() for _ in range(3))
     env = {k: v for k, v in os.environ.items() if k not in ("HUB_REDIS_URL", "HUB_DATABASE_URL", "HUB_BROKER_URL")}
-    env.update({"PATH": str(empty_path), "HUB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"})
+    env.update({"PATH": str(empty_path), "HUB_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1",
+                "HUB_SWEEP_INTERVAL_S": "2"})
     process = subprocess.Popen(
         [sys.executable, "-m", "api_shim.cli", "dev", "--port", str(api),
          "--flower-port", str(flower), "--upstream-port", str(upstream)],
@@ -130,6 +131,13 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
         return any(t.get("args") == repr([job["id"]]) and t.get("name") == "hub.execute" for t in tasks.values())
 
     processes.wait_until(task_seen, "the task in Flower", timeout=20)
+
+    # and beat runs the sweeper, whose task a worker ran
+    def swept() -> bool:
+        tasks = httpx.get(f"{dev.flower}/api/tasks", timeout=5).json()
+        return any(t.get("name") == "hub.sweep" and t.get("state") == "SUCCESS" for t in tasks.values())
+
+    processes.wait_until(swept, "a sweep run by beat", timeout=30)
     # and Flower's task list holds no token, no client secret and no secret value
     flower_tasks = httpx.get(f"{dev.flower}/api/tasks", timeout=5).text
     for needle in ("demo-at-", "demo-secret", "walk-through-key"):
