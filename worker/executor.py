@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+import redis
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -168,7 +169,11 @@ def run_job(job_id: str, runtime: Runtime) -> None:
         if job is None or not jobs.claimable(job, now):
             log.info("job %s not waiting; delivery ignored", job_id)
             return
-        if runtime.limiter is not None and not _admitted(session, job, runtime, now):
+        try:
+            if runtime.limiter is not None and not _admitted(session, job, runtime, now):
+                return
+        except redis.RedisError as exc:  # the job stays waiting; the sweeper sends it again
+            log.warning("job %s not started: Redis is unavailable (%s)", job_id, type(exc).__name__)
             return
         deadline_s = float(job.params.get("timeout_s") or runtime.settings.request_deadline_s)
         number = jobs.claim(session, job_id, lease_s=runtime.settings.job_lease_s + deadline_s, now=now)

@@ -46,7 +46,7 @@ def retry_after(value: str | None, *, now: datetime | None = None) -> float | No
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", which int() refuses
         return float(int(value[:12]))
     try:
         when = parsedate_to_datetime(value)
