@@ -6,6 +6,7 @@ Keys are 32 random bytes, so a fast hash is enough: there is nothing to brute-fo
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 
 import sqlalchemy as sa
@@ -30,7 +31,10 @@ def create_tenant(
     burst: int | None = None,
     max_inflight: int | None = None,
 ) -> Tenant:
-    """A new tenant named ``name`` (unique)."""
+    """A new tenant named ``name`` (unique), with its own limits or (None) the defaults."""
+    if (rate_per_s is not None and not (math.isfinite(rate_per_s) and rate_per_s > 0)) or \
+            (burst is not None and burst < 0) or (max_inflight is not None and max_inflight < 1):
+        raise errors.InvalidInput("the rate and the in-flight quota must be positive, the burst 0 or more")
     if session.exec(select(Tenant).where(Tenant.name == name)).first():
         raise errors.NameTaken(f"a tenant named {name!r} exists")
     tenant = Tenant(name=name, rate_per_s=rate_per_s, burst=burst, max_inflight=max_inflight)
@@ -53,8 +57,8 @@ def set_limits(
     if tenant is None:
         raise errors.NotFound(f"no tenant named {name!r}")
     if rate_per_s is not None:
-        if rate_per_s < 0:
-            raise errors.InvalidInput("the rate must be positive (0: the default)")
+        if not math.isfinite(rate_per_s) or rate_per_s < 0:  # NaN passes `< 0`, then breaks every rate computation
+            raise errors.InvalidInput("the rate must be a positive number (0: the default)")
         tenant.rate_per_s = rate_per_s or None
     if burst is not None:
         if burst < -1:

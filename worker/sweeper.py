@@ -93,13 +93,13 @@ def _resend_waiting(session: Session, settings: Settings, senders: Senders, now:
                      col(Job.due_at).is_(None) if due_at is None else col(Job.due_at) == due_at)
         if dispatches >= settings.max_dispatches:
             report.lost += _fail(session, unchanged, errors.JobLost(
-                f"the job's message was lost {dispatches + 1} times"), senders, job_id, callback_url)
+                f"the job's message was lost {dispatches + 1} times"), senders, job_id, callback_url, now)
             continue
         if not _send(senders.dispatch, job_id):
             return  # the broker is down: every other job waits for the next sweep too
-        session.execute(sa.update(Job).where(*unchanged).values(due_at=now, dispatches=dispatches + 1, slot_at=None))
+        report.redispatched += rowcount(session.execute(
+            sa.update(Job).where(*unchanged).values(due_at=now, dispatches=dispatches + 1, slot_at=None)))
         session.commit()
-        report.redispatched += 1
 
 
 def _take_back_running(session: Session, settings: Settings, senders: Senders, now: datetime,
@@ -117,11 +117,11 @@ def _take_back_running(session: Session, settings: Settings, senders: Senders, n
         if not may_repeat:
             report.abandoned += _fail(session, unchanged, errors.WorkerLost(
                 "the worker running the job was lost, and the request is not safe to send again "
-                "(POST and PATCH are only with an Idempotency-Key)"), senders, job_id, callback_url)
+                "(POST and PATCH are only with an Idempotency-Key)"), senders, job_id, callback_url, now)
             continue
         if attempts >= int(params.get("max_attempts") or settings.default_max_attempts):
             report.abandoned += _fail(session, unchanged, errors.RetriesExhausted(
-                f"{attempts} attempts; the last one's worker was lost"), senders, job_id, callback_url)
+                f"{attempts} attempts; the last one's worker was lost"), senders, job_id, callback_url, now)
             continue
         changed = rowcount(session.execute(sa.update(Job).where(*unchanged).values(
             status=JobStatus.RETRYING.value, lease_until=None, due_at=now,
@@ -150,9 +150,9 @@ def _resend_callbacks(session: Session, settings: Settings, senders: Senders, no
 
 
 def _fail(session: Session, unchanged: tuple[sa.ColumnElement[bool], ...], exc: errors.HubError, senders: Senders, job_id: str,
-          callback_url: str | None) -> int:
+          callback_url: str | None, now: datetime) -> int:
     changed = rowcount(session.execute(sa.update(Job).where(*unchanged).values(
-        status=JobStatus.FAILED.value, finished_at=utcnow(), lease_until=None, error=jobs.error_document(exc),
+        status=JobStatus.FAILED.value, finished_at=now, lease_until=None, error=jobs.error_document(exc),
         callback_state="pending" if callback_url else None,
     )))
     session.commit()
