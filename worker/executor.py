@@ -216,7 +216,7 @@ def _admitted(session: Session, job: Job, runtime: Runtime, now: datetime) -> bo
             runtime.notify(job)
         return False
     due = now + timedelta(seconds=decision.delay_s)
-    slot_at = due if decision.outcome is ratelimit.Outcome.RESERVED else None
+    slot_at = due if decision.outcome in (ratelimit.Outcome.RESERVED, ratelimit.Outcome.HELD) else None
     if jobs.defer(session, job.id, due_at=due, slot_at=slot_at):
         log.info("job %s deferred %.3f s (%s)", job.id, decision.delay_s, decision.outcome.name.lower())
         runtime.dispatch(job.id, decision.delay_s)

@@ -30,6 +30,16 @@ def rate_key(tenant_id: str) -> str:
     return f"hub:rate:{tenant_id}"
 
 
+def departures_key(tenant_id: str) -> str:
+    """A tenant's calls that went out: the theoretical arrival time of the next one (µs)."""
+    return f"hub:rate:{tenant_id}:sent"
+
+
+def held_key(tenant_id: str) -> str:
+    """When the next job of the tenant held back at its slot is told to come back (µs)."""
+    return f"hub:rate:{tenant_id}:held"
+
+
 def cooldown_key(connection_id: str) -> str:
     """Set, with a TTL, while a connection cools down after a ``429`` with ``Retry-After``."""
     return f"hub:cooldown:{connection_id}"

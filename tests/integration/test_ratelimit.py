@@ -8,6 +8,7 @@ the calls, so no bound depends on how fast the machine is.
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import fakeredis
 import pytest
 import redis
 
-from worker.keys import cooldown_key, rate_key
+from worker.keys import cooldown_key, departures_key, held_key, rate_key
 from worker.ratelimit import Decision, Limiter, Outcome, Rate
 
 RATE = Rate(per_s=20, burst=5)
@@ -114,30 +115,48 @@ def test_beyond_the_horizon_asks_again_and_reserves_nothing(bucket: Bucket) -> N
     assert late[1].delay_s <= late[0].delay_s
 
 
-def test_a_held_slot_goes_without_taking_another(bucket: Bucket) -> None:
-    # Given a tenant that used its burst
+def test_a_due_slot_goes_without_reserving_another(bucket: Bucket) -> None:
+    # Given a tenant whose burst went out, and a job that reserved the next slot
     limiter = bucket.limiter()
     tenant, connection = bucket.new_id("tenant"), bucket.new_id("conn")
-    decisions, _ = acquire_timed(limiter, tenant, connection, RATE, 6)
-    assert {d.outcome for d in decisions} == {Outcome.GO}
+    decisions, _ = acquire_timed(limiter, tenant, connection, RATE, 7)
+    assert [d.outcome for d in decisions] == [Outcome.GO] * 6 + [Outcome.RESERVED]
     before = bucket.state(tenant)
-    # When jobs holding slots they reserved earlier ask, several times
-    held = [limiter.acquire(tenant, connection, RATE, reserved=True) for _ in range(5)]
-    # Then they go at once, and the tenant's rate is not charged again
-    assert held == [Decision(Outcome.GO, 0.0)] * 5
+    # When that job comes back at its slot
+    time.sleep(decisions[-1].delay_s + 0.01)
+    back = limiter.acquire(tenant, connection, RATE, reserved=True)
+    # Then it goes, and no second slot was reserved for it
+    assert back == Decision(Outcome.GO, 0.0)
     assert bucket.state(tenant) == before
-    nxt = limiter.acquire(tenant, connection, RATE)
-    assert nxt.outcome is Outcome.RESERVED
-    assert nxt.delay_s <= INTERVAL_S + CLOCKS_S
 
 
-def test_a_held_slot_on_a_fresh_tenant_stores_nothing(bucket: Bucket) -> None:
+def test_jobs_back_late_and_together_leave_one_interval_apart(bucket: Bucket) -> None:
+    # Given a tenant whose burst went out just now
+    limiter = bucket.limiter()
+    tenant, connection = bucket.new_id("tenant"), bucket.new_id("conn")
+    acquire_timed(limiter, tenant, connection, RATE, 6)
+    # When five jobs whose slots are due all come back at once (a busy queue delivered them late)
+    started = time.monotonic()
+    back = [limiter.acquire(tenant, connection, RATE, reserved=True) for _ in range(5)]
+    elapsed = time.monotonic() - started
+    # Then they do not all go: each is held and told to come back one interval after the one before
+    assert [d.outcome for d in back] == [Outcome.HELD] * 5
+    delays = [d.delay_s for d in back]
+    assert INTERVAL_S - elapsed - CLOCKS_S <= delays[0] <= INTERVAL_S + CLOCKS_S, (delays, elapsed)
+    for earlier, later in itertools.pairwise(delays):
+        assert INTERVAL_S - elapsed - CLOCKS_S <= later - earlier <= INTERVAL_S + CLOCKS_S, delays
+    # And holding them reserved no new slots
+    assert limiter.acquire(tenant, connection, RATE).delay_s <= INTERVAL_S + CLOCKS_S
+
+
+def test_a_due_slot_on_a_fresh_tenant_goes(bucket: Bucket) -> None:
     # When a job that holds a slot asks for a tenant the limiter never saw
     limiter = bucket.limiter()
     tenant, connection = bucket.new_id("tenant"), bucket.new_id("conn")
-    # Then it goes, and no state is stored
+    # Then it goes, counted as a departure only (no reservation is stored)
     assert limiter.acquire(tenant, connection, RATE, reserved=True) == Decision(Outcome.GO, 0.0)
-    assert bucket.keys() == []
+    assert bucket.state(tenant) is None
+    assert bucket.keys() == [departures_key(tenant)]
 
 
 @pytest.mark.parametrize("reserved", [False, True])
@@ -209,17 +228,18 @@ def test_two_tenants_have_rates_of_their_own(bucket: Bucket) -> None:
 
 
 def test_every_key_expires(bucket: Bucket) -> None:
-    # Given a tenant that reserved slots and a connection that cooled down
+    # Given a tenant that reserved slots, a job held at its slot, and a connection that cooled down
     limiter = bucket.limiter()
     tenant, connection = bucket.new_id("tenant"), bucket.new_id("conn")
     acquire_timed(limiter, tenant, connection, RATE, 10)  # the next arrival is 10 intervals ahead
+    assert limiter.acquire(tenant, connection, RATE, reserved=True).outcome is Outcome.HELD
     limiter.cool_down(bucket.new_id("conn"), 3)
     # Then every key the limiter wrote has a TTL: nothing is left forever
     keys = bucket.keys()
-    assert rate_key(tenant) in keys and len(keys) == 2
+    assert {rate_key(tenant), departures_key(tenant), held_key(tenant)} <= set(keys) and len(keys) == 4
     ttls = {key: bucket.client.pttl(key) for key in keys}
     assert all(ttl > 0 for ttl in ttls.values()), ttls
     # And the rate's lasts only as long as it means something: to the next arrival, plus 1 s
     assert 1000 < ttls[rate_key(tenant)] <= 10 * INTERVAL_S * 1000 + 1000
-    cooling = next(key for key in keys if key != rate_key(tenant))
+    cooling = next(key for key in keys if key.startswith("hub:cooldown:"))
     assert ttls[cooling] <= 3000
