@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 
 from api_shim import problems
 from api_shim.queue import Enqueue, celery_enqueue
-from api_shim.routes import callback_key, connections, executions, health, requests, secrets, templates
+from api_shim.routes import callback_key, connections, executions, health, metrics, requests, secrets, templates
 from models.db import get_engine
 from models.settings import Settings, get_settings
 from models.vault import Vault, generate_key
@@ -39,7 +39,7 @@ def create_app(
     app.state.vault = Vault.from_setting(settings.master_keys_value())
     app.state.redis = redis.Redis.from_url(settings.effective_redis_url(), socket_timeout=2, socket_connect_timeout=2)
     problems.install(app)
-    for module in (health, templates, connections, requests, secrets, executions, callback_key):
+    for module in (health, metrics, templates, connections, requests, secrets, executions, callback_key):
         app.include_router(module.router)
     return app
 

@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
             import uvicorn
 
             Vault.from_setting(settings.master_keys_value())  # refuse to start without a key
+            from models.logs import dict_config
+
             uvicorn.run("api_shim.app:create_app", factory=True, host=args.host, port=args.port,
-                        log_level=settings.log_level.lower())
+                        log_level=settings.log_level.lower(),
+                        log_config=dict_config(settings.log_format, settings.log_level))
             return 0
         if args.command == "worker":  # without a master key it refuses to start (worker.celery_app)
             extra = ["-c", str(args.concurrency)] if args.concurrency else []

@@ -122,6 +122,16 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _starting(name: str) -> float:
+    """Print the progress line of one part (finished by :func:`_ready`); when it started."""
+    print(f"  {name:<9} starting…", end="", flush=True)
+    return time.monotonic()
+
+
+def _ready(started: float, where: str) -> None:
+    print(f" ready in {time.monotonic() - started:.1f} s: {where}", flush=True)
+
+
 def _wait_until(what: str, ready: object, stack: Stack, child: Child | None = None) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -217,18 +227,27 @@ def run(settings: Settings, *, host: str, port: int, flower_port: int, upstream_
         print(f"  database  {database_url} (migrated)", flush=True)
         key = _demo_key(settings, database_url)
 
+        started = _starting("upstream")
         child = stack.start("upstream", [*hub, "upstream", "--host", host, "--port", str(upstream_port)])
         _wait_until("the demo upstream", lambda: _http_ok(f"http://{host}:{upstream_port}/stats"), stack, child)
+        _ready(started, f"http://{host}:{upstream_port}")
+        started = _starting("api")
         child = stack.start("api", [*hub, "api", "--host", host, "--port", str(port)])
         _wait_until("the API", lambda: _http_ok(f"http://{host}:{port}/readyz"), stack, child)
+        _ready(started, f"http://{host}:{port}")
+        started = _starting("worker")
         child = stack.start("worker", [*hub, "worker", "-c", "2"])
         from worker.celery_app import create_app
 
         probe = create_app(settings.model_copy(update={"redis_url": redis_url}))
         _wait_until("the worker", lambda: bool(probe.control.ping(timeout=0.5)), stack, child)
+        _ready(started, "2 slots")
         stack.start("beat", [*hub, "beat"])  # the sweeper: sends lost jobs again, deletes expired ones
+        print("  beat      started (the sweeper)", flush=True)
+        started = _starting("flower")
         child = stack.start("flower", [*hub, "flower", "--address", host, "--port", str(flower_port)])
         _wait_until("Flower", lambda: _http_ok(f"http://{host}:{flower_port}/healthcheck"), stack, child)
+        _ready(started, f"http://{host}:{flower_port}")
 
         print(f"""
 Integration Hub is running.
@@ -249,6 +268,7 @@ API key: {key}""", flush=True)
     except KeyboardInterrupt:
         return 0
     except errors.HubError as exc:
+        print(flush=True)  # ends a progress line left open
         print(f"Could not start: {exc.message}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +86,8 @@ class Settings(BaseSettings):
     callback_attempts: int = 8
     """Deliveries of a job's ``callback_url`` tried before giving up."""
     callback_backoff_s: float = 2.0
+    worker_shutdown_grace_s: float = 30.0
+    """On SIGTERM a worker finishes its running jobs for at most this long, then stops cold."""
     broker_visibility_timeout_s: int = 3600
     """An unacknowledged message is delivered again after this long: longer than any countdown."""
     queue_name: str = "hub.jobs"
@@ -93,6 +96,8 @@ class Settings(BaseSettings):
     """Longest ``?wait=`` a poll may hold (API.md: at most 30 seconds)."""
 
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    """``json``: every log line of the API, workers and beat is one JSON object."""
     flower_basic_auth: SecretStr | None = Field(
         default=None, description="user:password that Flower asks for; comma-separate several."
     )

@@ -14,7 +14,8 @@ import random
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from models import callbacks, errors
+from models import callbacks, errors, metrics
+from models.logs import job_event
 from models.tables import Job
 from models.views import JobPublic, job_public
 from worker import guard, render, retries, upstream
@@ -67,7 +68,10 @@ def deliver(job_id: str, runtime: Runtime) -> float | None:
             .values(callback_state=state, callback_attempts=attempt)
         )
         session.commit()
-    log.info("job %s callback attempt %d: %s (%s)", job_id, attempt, outcome, state)
+    job_event(log, f"callback {state}", job_id, attempt=attempt, outcome=outcome)
+    batch = metrics.Batch(runtime.metrics)
+    batch.inc("hub_callbacks_total", outcome=state)
+    batch.flush()
     if state != "pending":
         return None
     return retries.backoff(attempt, base_s=runtime.settings.callback_backoff_s, cap_s=CALLBACK_BACKOFF_CAP_S,

@@ -7,10 +7,15 @@ row makes the second delivery harmless. No result backend: results live in the j
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
 import sys
+import threading
 
 from celery import Celery, signals
 
+from models import logs
 from models.errors import HubError
 from models.settings import Settings, get_settings
 from models.vault import Vault
@@ -62,3 +67,30 @@ def refuse_to_start_without_a_master_key(**_: object) -> None:
     except HubError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         raise SystemExit(1) from exc
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def use_the_hubs_log_format(logger: logging.Logger, **_: object) -> None:
+    """Celery's handlers (worker, beat, tasks) write lines in ``HUB_LOG_FORMAT``; httpx, which
+    logs every URL at INFO (a URL may hold a secret), only warnings."""
+    settings = get_settings()
+    if settings.log_format == "json":
+        for handler in logger.handlers:
+            handler.setFormatter(logs.formatter("json"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+@signals.worker_shutting_down.connect
+def bound_the_warm_shutdown(how: str = "", **_: object) -> None:
+    """On SIGTERM Celery stops taking messages and waits for the running jobs (a warm
+    shutdown); if they are not done within ``HUB_WORKER_SHUTDOWN_GRACE_S``, a SIGQUIT makes it
+    cold: the jobs' messages stay unacknowledged, and their leases let the sweeper send them
+    again."""
+    if how != "Warm":
+        return
+    grace = get_settings().worker_shutdown_grace_s
+    timer = threading.Timer(grace, os.kill, args=(os.getpid(), signal.SIGQUIT))
+    timer.daemon = True
+    timer.start()

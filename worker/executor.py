@@ -22,9 +22,10 @@ import redis
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from models import errors, jobs, rules, secrets
+from models import errors, jobs, metrics, rules, secrets
 from models.base import as_utc, rfc3339, utcnow
 from models.jobs import JobStatus
+from models.logs import job_event
 from models.settings import Settings
 from models.tables import Connection, Job, Request, Tenant
 from models.vault import Vault
@@ -51,6 +52,8 @@ class Runtime:
     is down), the sweeper sends the job once its ``due_at`` is past."""
     notify: Callable[[Job], None] = field(default=lambda job: None)
     """Queues the delivery of a finished job to its ``callback_url``."""
+    metrics: redis.Redis | None = None
+    """Where the hub's metrics are added up (:mod:`models.metrics`); None: not recorded."""
     _rates: dict[str, tuple[float, ratelimit.Rate]] = field(default_factory=dict)
 
     def rate(self, session: Session, tenant_id: str) -> ratelimit.Rate:
@@ -149,8 +152,12 @@ class Attempt:
     """One attempt at a job: its number, the secrets it read, and the method it sent."""
 
     number: int
+    started: float = 0.0
+    """When the attempt was claimed (``time.monotonic``)."""
     used: list[str] = field(default_factory=list)
     method: str | None = None
+    tokens: list[str] = field(default_factory=list)
+    """How each OAuth token the attempt needed was had: ``hit``, ``miss`` or ``refresh``."""
 
     def secrets_used(self) -> list[str]:
         return sorted(set(self.used))
@@ -163,41 +170,53 @@ def run_job(job_id: str, runtime: Runtime) -> None:
     later and stays waiting. An attempt that fails in a way the retry policy retries leaves
     the job ``retrying`` and sends it again after a backoff; any other end is final.
     """
-    with Session(runtime.engine, expire_on_commit=False) as session:
-        job = session.get(Job, job_id)
-        now = utcnow()
-        if job is None or not jobs.claimable(job, now):
-            log.info("job %s not waiting; delivery ignored", job_id)
-            return
-        try:
-            if runtime.limiter is not None and not _admitted(session, job, runtime, now):
-                return
-        except redis.RedisError as exc:  # the job stays waiting; the sweeper sends it again
-            log.warning("job %s not started: Redis is unavailable (%s)", job_id, type(exc).__name__)
-            return
-        deadline_s = float(job.params.get("timeout_s") or runtime.settings.request_deadline_s)
-        number = jobs.claim(session, job_id, lease_s=runtime.settings.job_lease_s + deadline_s, now=now)
-        if number is None:
-            log.info("job %s not waiting; delivery ignored", job_id)  # another delivery claimed it
-            return
-        attempt = Attempt(number)
-        log.info("job %s running attempt %d (tenant %s, connection %s)", job.id, number, job.tenant_id,
-                 job.connection_id)
-        try:
-            answer = _execute(session, job, runtime, attempt, deadline_s)
-        except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
-            _settle(session, job, runtime, attempt, error=exc)
-            return
-        except Exception as exc:
-            # The type only: an exception's text may quote a URL, a header or a secret.
-            log.error("job %s failed unexpectedly: %s", job_id, type(exc).__name__)
-            session.rollback()
-            _settle(session, job, runtime, attempt, error=errors.HubError())
-            return
-        _settle(session, job, runtime, attempt, answer=answer)
+    batch = metrics.Batch(runtime.metrics)
+    try:
+        with Session(runtime.engine, expire_on_commit=False) as session:
+            _run(session, job_id, runtime, batch)
+    finally:
+        batch.flush()
 
 
-def _admitted(session: Session, job: Job, runtime: Runtime, now: datetime) -> bool:
+def _run(session: Session, job_id: str, runtime: Runtime, batch: metrics.Batch) -> None:
+    job = session.get(Job, job_id)
+    now = utcnow()
+    if job is None or not jobs.claimable(job, now):
+        job_event(log, "not waiting; delivery ignored", job_id)
+        return
+    try:
+        if runtime.limiter is not None and not _admitted(session, job, runtime, now, batch):
+            return
+    except redis.RedisError as exc:  # the job stays waiting; the sweeper sends it again
+        job_event(log, "not started: Redis is unavailable", job_id, level=logging.WARNING, code=type(exc).__name__)
+        return
+    deadline_s = float(job.params.get("timeout_s") or runtime.settings.request_deadline_s)
+    number = jobs.claim(session, job_id, lease_s=runtime.settings.job_lease_s + deadline_s, now=now)
+    if number is None:
+        job_event(log, "not waiting; delivery ignored", job_id)  # another delivery claimed it
+        return
+    attempt = Attempt(number, started=time.monotonic())
+    fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id, "attempt": number}
+    if number == 1:
+        waited = (now - (as_utc(job.created_at) or now)).total_seconds()
+        batch.observe("hub_job_queue_wait_seconds", waited, tenant=job.tenant_id)
+        fields["queue_wait_ms"] = round(waited * 1000, 1)
+    job_event(log, "running", job_id, **fields)
+    try:
+        answer = _execute(session, job, runtime, attempt, deadline_s)
+    except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
+        _settle(session, job, runtime, attempt, batch, error=exc)
+        return
+    except Exception as exc:
+        # The type only: an exception's text may quote a URL, a header or a secret.
+        job_event(log, "failed unexpectedly", job_id, level=logging.ERROR, code=type(exc).__name__, **fields)
+        session.rollback()
+        _settle(session, job, runtime, attempt, batch, error=errors.HubError())
+        return
+    _settle(session, job, runtime, attempt, batch, answer=answer)
+
+
+def _admitted(session: Session, job: Job, runtime: Runtime, now: datetime, batch: metrics.Batch) -> bool:
     """Whether the job may call out now; if not, it is sent again for when it may."""
     assert runtime.limiter is not None
     slot = as_utc(job.slot_at)
@@ -206,19 +225,23 @@ def _admitted(session: Session, job: Job, runtime: Runtime, now: datetime) -> bo
                                        reserved=reserved)
     if decision.outcome is ratelimit.Outcome.GO:
         return True
+    fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id}
     waited = (now - (as_utc(job.created_at) or now)).total_seconds()
     if waited + decision.delay_s > runtime.settings.rate_max_wait_s:
         reason = "its connection is cooling down" if decision.outcome is ratelimit.Outcome.COOLING_DOWN else \
             "its tenant's rate"
         if jobs.fail(session, job.id, errors.RateLimited(f"the job waited too long for {reason}"),
                      callback=bool(job.callback_url)):
-            log.info("job %s failed: rate_limited", job.id)
+            batch.inc("hub_jobs_finished_total", tenant=job.tenant_id, status="failed", code=errors.RateLimited.code)
+            job_event(log, "failed", job.id, outcome=errors.RateLimited.code, **fields)
             runtime.notify(job)
         return False
     due = now + timedelta(seconds=decision.delay_s)
     slot_at = due if decision.outcome in (ratelimit.Outcome.RESERVED, ratelimit.Outcome.HELD) else None
     if jobs.defer(session, job.id, due_at=due, slot_at=slot_at):
-        log.info("job %s deferred %.3f s (%s)", job.id, decision.delay_s, decision.outcome.name.lower())
+        reason = decision.outcome.name.lower()
+        batch.inc("hub_rate_limit_deferrals_total", tenant=job.tenant_id, reason=reason)
+        job_event(log, "deferred", job.id, outcome=reason, delay_s=round(decision.delay_s, 3), **fields)
         runtime.dispatch(job.id, decision.delay_s)
     return False
 
@@ -227,14 +250,23 @@ SLOT_EARLY = timedelta(milliseconds=100)
 """A reserved slot counts from this much before it: Celery's timers are not that precise."""
 
 
-def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, *,
+def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, batch: metrics.Batch, *,
             answer: Answer | None = None, error: errors.HubError | None = None) -> None:
     """Record how the attempt ended: final, or ``retrying`` when the policy retries it."""
     settings = runtime.settings
     used = attempt.secrets_used()
     result = answer.result if answer else None
+    elapsed = time.monotonic() - attempt.started
+    for how in attempt.tokens:
+        batch.inc("hub_token_cache_total", result=how)
+    fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id, "attempt": attempt.number,
+                              "elapsed_ms": round(elapsed * 1000, 1)}
     last: dict[str, Any]
     if answer is not None and answer.status_code is not None:
+        fields["status_code"] = answer.status_code
+        batch.inc("hub_upstream_responses_total", tenant=job.tenant_id, status_code=answer.status_code)
+        if result and result.get("truncated"):
+            batch.inc("hub_responses_truncated_total", tenant=job.tenant_id)
         asked = retries.retry_after(answer.retry_after)
         if answer.status_code == 429 and asked is not None and runtime.limiter is not None:
             runtime.limiter.cool_down(job.connection_id, min(asked, settings.retry_after_cap_s))
@@ -254,26 +286,30 @@ def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, *,
                              retry_after_cap_s=settings.retry_after_cap_s)
         due = utcnow() + timedelta(seconds=wait)
         if jobs.retry_later(session, job.id, attempt.number, due_at=due, error=last, result=result, secrets_used=used):
-            log.info("job %s attempt %d: %s; retrying in %.3f s", job.id, attempt.number, last["code"], wait)
+            batch.inc("hub_job_retries_total", tenant=job.tenant_id, code=last["code"])
+            batch.observe("hub_job_execution_seconds", elapsed, tenant=job.tenant_id, outcome="retrying")
+            job_event(log, "retrying", job.id, outcome=last["code"], delay_s=round(wait, 3), **fields)
             runtime.dispatch(job.id, wait)
         return
     if again:
         exhausted = errors.RetriesExhausted(f"{attempt.number} attempts failed; the last: {last['message']}")
         recorded = jobs.fail(session, job.id, exhausted, attempt=attempt.number, result=result, secrets_used=used,
                              callback=callback, last=last)
-        outcome = exhausted.code
+        status, code = JobStatus.FAILED, exhausted.code
     elif error is not None:
         recorded = jobs.fail(session, job.id, error, attempt=attempt.number, secrets_used=used, callback=callback)
-        outcome = error.code
+        status, code = JobStatus.FAILED, error.code
     else:
         assert answer is not None
         recorded = jobs.finish(session, job.id, status=JobStatus.SUCCEEDED, attempt=attempt.number, result=result,
                                secrets_used=used, callback=callback)
-        outcome = "succeeded"
+        status, code = JobStatus.SUCCEEDED, ""
     if not recorded:
-        log.info("job %s attempt %d outlived its lease; its outcome is dropped", job.id, attempt.number)
+        job_event(log, "outcome dropped: the attempt outlived its lease", job.id, **fields)
         return
-    log.info("job %s finished after %d attempt(s): %s", job.id, attempt.number, outcome)
+    batch.inc("hub_jobs_finished_total", tenant=job.tenant_id, status=status.value, code=code)
+    batch.observe("hub_job_execution_seconds", elapsed, tenant=job.tenant_id, outcome=status.value)
+    job_event(log, status.value, job.id, outcome=code or status.value, **fields)
     runtime.notify(job)
 
 
@@ -293,7 +329,9 @@ def _execute(session: Session, job: Job, runtime: Runtime, attempt: Attempt, dea
     if connection is None or connection.tenant_id != job.tenant_id:
         raise errors.ReferenceGone()
     if job.action == "auth":
-        return Answer(_auth(session, connection, runtime, used))
+        found = _auth(session, connection, runtime, used)
+        attempt.tokens.append("hit" if found["cached"] else "miss")
+        return Answer(found)
     if job.action == "adhoc":  # defined in the submission, checked then, never stored
         request: Request | None = Request(tenant_id=job.tenant_id, connection_id=connection.id, name="adhoc",
                                           kind="studio", **job.params["adhoc"])
@@ -304,11 +342,14 @@ def _execute(session: Session, job: Job, runtime: Runtime, attempt: Attempt, dea
     attempt.method = request.method
     with runtime.client_for(session, connection, used) as client:
         token = runtime.token(session, connection, client, used) if credentials.token_required(connection) else None
+        if token is not None:
+            attempt.tokens.append("hit" if token.cached else "miss")
         captured = _call(session, job, connection, request, runtime, client, used, token, deadline_s)
         if captured.status_code == 401 and token is not None and token.cached:
             # The service refused a token another job had cached: drop it, get a fresh one, once.
             runtime.tokens.drop(credentials.slot(connection), token)
             token = runtime.token(session, connection, client, used)
+            attempt.tokens.append("refresh")
             captured = _call(session, job, connection, request, runtime, client, used, token, deadline_s)
     return Answer(upstream.result_document(captured), captured.status_code, captured.headers.get("retry-after"))
 

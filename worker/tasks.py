@@ -8,8 +8,9 @@ import uuid
 
 import redis
 
-from models import errors
+from models import errors, metrics
 from models.db import get_engine
+from models.logs import job_event
 from models.settings import get_settings
 from models.tables import Job
 from models.vault import Vault
@@ -33,7 +34,8 @@ def _later(task: str, job_id: str, delay_s: float = 0.0) -> None:
     try:
         send(app, task, job_id, delay_s)
     except errors.BrokerUnavailable:
-        log.warning("job %s: the broker is unavailable; the sweeper will send it", job_id)
+        job_event(log, "not sent: the broker is unavailable; the sweeper will send it", job_id,
+                  level=logging.WARNING, outcome=task)
 
 
 def _notify(job: Job) -> None:
@@ -57,6 +59,7 @@ def runtime() -> Runtime:
             limiter=ratelimit.Limiter(client, horizon_s=settings.rate_horizon_s),
             dispatch=lambda job_id, delay_s: _later(EXECUTE_TASK, job_id, delay_s),
             notify=_notify,
+            metrics=client,
         )
     return current
 
@@ -85,9 +88,14 @@ def sweep() -> None:
     if not lock:
         return
     try:
-        sweeper.sweep(current.engine, current.settings, sweeper.Senders(
+        report = sweeper.sweep(current.engine, current.settings, sweeper.Senders(
             dispatch=lambda job_id: send(app, EXECUTE_TASK, job_id),
             notify=lambda job_id: send(app, CALLBACK_TASK, job_id),
         ))
     finally:
         current.tokens.redis.delete(SWEEP_LOCK_KEY)
+    batch = metrics.Batch(current.metrics)
+    for action, count in vars(report).items():
+        if count:
+            batch.inc("hub_sweeper_actions_total", count, action=action)
+    batch.flush()

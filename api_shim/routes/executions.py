@@ -17,10 +17,11 @@ from sqlmodel import Session, select
 
 from api_shim.deps import CurrentTenant, PageDep, SessionDep, by_id_or_name
 from api_shim.problems import RESPONSES
-from models import errors, idempotency, jobs, rules
+from models import errors, idempotency, jobs, metrics, rules
 from models.base import utcnow
 from models.db import lock_row
 from models.jobs import JobStatus
+from models.logs import job_event
 from models.schemas import ExecutionCreate
 from models.tables import Connection, Job, Tenant
 from models.tables import Request as StoredRequest
@@ -160,13 +161,20 @@ def _queue(request: Request, response: Response, session: Session, job: Job, bod
             raise
         response.status_code = 200
         return job_public(_load(session, job.tenant_id, first))
+    fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id, "outcome": job.action}
     try:
         request.app.state.enqueue(job.id)
     except errors.BrokerUnavailable:
         # Stored, not lost: no due time marks it as never sent, and the sweeper sends it.
         session.execute(sa.update(Job).where(Job.id == job.id).values(due_at=None))  # type: ignore[arg-type]
         session.commit()
-        log.warning("job %s stored; the broker is unavailable, the sweeper will send it", job.id)
+        job_event(log, "stored; the broker is unavailable, the sweeper will send it", job.id,
+                  level=logging.WARNING, **fields)
+    else:
+        job_event(log, "submitted", job.id, **fields)
+    record = metrics.Batch(request.app.state.redis)
+    record.inc("hub_jobs_submitted_total", tenant=job.tenant_id, action=job.action)
+    record.flush()
     return job_public(job)
 
 
@@ -208,11 +216,15 @@ async def get_job(
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+def cancel_job(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """Cancel a job that has not started; ``409 job_not_cancellable`` once it has."""
     job = _load(session, tenant.id, job_id)
     if not jobs.cancel(session, job.id):
         raise errors.JobNotCancellable(f"the job is {_load(session, tenant.id, job_id).status}")
+    job_event(log, "cancelled", job.id, tenant=tenant.id, connection=job.connection_id)
+    record = metrics.Batch(request.app.state.redis)
+    record.inc("hub_jobs_finished_total", tenant=tenant.id, status="cancelled", code="")
+    record.flush()
     return job_public(_load(session, tenant.id, job_id))
 
 
