@@ -90,7 +90,8 @@ class Batch:
         try:
             pipe = self.client.pipeline(transaction=False)
             for key, value in self.counts.items():
-                if float(value).is_integer():
+                # a histogram's sum holds a float: HINCRBY on it fails, even by a whole number
+                if float(value).is_integer() and not key.partition("|")[0].endswith("_sum"):
                     pipe.hincrby(KEY, key, int(value))
                 else:
                     pipe.hincrbyfloat(KEY, key, value)

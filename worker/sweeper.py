@@ -33,6 +33,7 @@ from models.base import utcnow
 from models.db import rowcount
 from models.idempotency import WINDOW
 from models.jobs import JobStatus
+from models.logs import job_event
 from models.settings import Settings
 from models.tables import IdempotencyKey, Job
 from worker import retries
@@ -97,9 +98,12 @@ def _resend_waiting(session: Session, settings: Settings, senders: Senders, now:
             continue
         if not _send(senders.dispatch, job_id):
             return  # the broker is down: every other job waits for the next sweep too
-        report.redispatched += rowcount(session.execute(
+        sent = rowcount(session.execute(
             sa.update(Job).where(*unchanged).values(due_at=now, dispatches=dispatches + 1, slot_at=None)))
         session.commit()
+        if sent:
+            job_event(log, "swept: its message was lost, sent again", job_id, attempt=dispatches + 1)
+        report.redispatched += sent
 
 
 def _take_back_running(session: Session, settings: Settings, senders: Senders, now: datetime,
@@ -134,6 +138,7 @@ def _take_back_running(session: Session, settings: Settings, senders: Senders, n
             session.execute(sa.update(Job).where(col(Job.id) == job_id).values(due_at=None))
             session.commit()
             return
+        job_event(log, "swept: its worker was lost, sent again", job_id, attempt=attempts)
         report.reclaimed += 1
 
 
@@ -156,6 +161,8 @@ def _fail(session: Session, unchanged: tuple[sa.ColumnElement[bool], ...], exc: 
         callback_state="pending" if callback_url else None,
     )))
     session.commit()
+    if changed:
+        job_event(log, "failed", job_id, outcome=exc.code)
     if changed and callback_url:
         _send(senders.notify, job_id)
     return int(changed)

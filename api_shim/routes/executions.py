@@ -161,7 +161,7 @@ def _queue(request: Request, response: Response, session: Session, job: Job, bod
             raise
         response.status_code = 200
         return job_public(_load(session, job.tenant_id, first))
-    fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id, "outcome": job.action}
+    fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id, "action": job.action}
     try:
         request.app.state.enqueue(job.id)
     except errors.BrokerUnavailable:

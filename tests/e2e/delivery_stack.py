@@ -16,7 +16,7 @@ import os
 import secrets
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,9 +187,10 @@ def wait_final(client: httpx.Client, job_ids: list[str], timeout: float = 60.0) 
 
 @contextmanager
 def running_stack(redis_url: str, database_url: str, logs: Path, *, workers: tuple[str, ...] = ("worker-1", "worker-2"),
-                  beat: bool = True) -> Iterator[DeliveryStack]:
+                  beat: bool = True, extra_env: Mapping[str, str] | None = None) -> Iterator[DeliveryStack]:
     """Migrate the database, create a tenant whose limits do not bite, start the upstream, the
-    API, ``workers`` (two slots each) and, with ``beat``, the sweeper; stop them all after."""
+    API, ``workers`` (two slots each) and, with ``beat``, the sweeper; stop them all after.
+    ``extra_env`` is added to (and overrides) every process's environment, ``TIMINGS`` included."""
     api_port, upstream_port = processes.free_port(), processes.free_port()
     env = {
         **os.environ,
@@ -202,6 +203,7 @@ def running_stack(redis_url: str, database_url: str, logs: Path, *, workers: tup
         "HUB_ALLOW_PRIVATE_DESTINATIONS": "true",
         "HUB_MASTER_KEYS": TEST_MASTER_KEY,
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     env.pop("HUB_BROKER_URL", None)
     subprocess.run([*processes.HUB, "migrate"], env=env, check=True, timeout=60, capture_output=True)

@@ -333,7 +333,8 @@ def test_jobs_of_a_worker_killed_mid_job_are_run_again_and_each_succeeds_once(de
 
         def running_on_worker_1() -> list[str]:
             log = delivery.log("worker-1")
-            return [job_id for job_id in ids if f"job {job_id} running attempt 1" in log]
+            started = [line for line in log.splitlines() if " running tenant=" in line and " attempt=1 " in line]
+            return [job_id for job_id in ids if any(f"job {job_id} running " in line for line in started)]
 
         def worker_1_mid_call() -> bool:
             # worker-1 runs some of them, and every running job's call has reached the upstream
@@ -347,7 +348,7 @@ def test_jobs_of_a_worker_killed_mid_job_are_run_again_and_each_succeeds_once(de
         # When worker-1 and its pool are killed at once, mid-call, and a replacement starts
         delivery.kill("worker-1")
         log = delivery.log("worker-1")
-        killed = {job_id for job_id in running_on_worker_1() if f"job {job_id} finished" not in log}
+        killed = {job_id for job_id in running_on_worker_1() if f"job {job_id} succeeded" not in log}
         assert killed, "worker-1 had finished its jobs before it was killed"
         delivery.start_worker("worker-3")
 

