@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
@@ -13,6 +15,7 @@ from sqlalchemy.engine import Engine
 from api_shim import problems
 from api_shim.queue import Enqueue, celery_enqueue
 from api_shim.routes import callback_key, connections, executions, health, metrics, requests, secrets, templates
+from api_shim.waiters import Waiters
 from models.db import get_engine
 from models.settings import Settings, get_settings
 from models.vault import Vault, generate_key
@@ -32,7 +35,16 @@ def create_app(
     """
     settings = settings or get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = FastAPI(title="Integration Hub", version="0.1.0", description=DESCRIPTION)
+    waiters = Waiters(settings.effective_redis_url())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        waiters.start()
+        yield
+        await waiters.stop()
+
+    app = FastAPI(title="Integration Hub", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.waiters = waiters
     app.state.settings = settings
     app.state.engine = engine or get_engine(settings.effective_database_url())
     app.state.enqueue = enqueue or celery_enqueue()

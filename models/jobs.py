@@ -35,6 +35,9 @@ class JobStatus(str, enum.Enum):
 FINAL_STATES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 IN_FLIGHT = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.RETRYING.value)
 """The states a tenant's in-flight quota counts."""
+FINAL_CHANNEL = "hub:job-final"
+"""The Redis channel on which workers publish the id of each job they finish (it wakes the
+API's ``?wait`` requests)."""
 WAITING = (JobStatus.QUEUED.value, JobStatus.RETRYING.value)
 """The states in which a job waits for a worker to claim it."""
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import redis
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
+from models.jobs import FINAL_CHANNEL
+
 log = logging.getLogger("hub.metrics")
 
 KEY = "hub:metrics"
@@ -64,6 +66,12 @@ class Batch:
 
     client: redis.Redis | None
     counts: dict[str, float] = field(default_factory=dict)
+    finished: list[str] = field(default_factory=list)
+    """Jobs to announce on :data:`~models.jobs.FINAL_CHANNEL` (it wakes ``?wait`` requests)."""
+
+    def announce(self, job_id: str) -> None:
+        """Tell the API's waiting requests that the job ``job_id`` is final."""
+        self.finished.append(job_id)
 
     def inc(self, name: str, by: float = 1.0, **labels: object) -> None:
         assert name in COUNTERS, name
@@ -84,11 +92,14 @@ class Batch:
 
     def flush(self) -> None:
         """Add what was recorded to the hub's metrics, then forget it."""
-        if self.client is None or not self.counts:
+        if self.client is None or not (self.counts or self.finished):
             self.counts.clear()
+            self.finished.clear()
             return
         try:
             pipe = self.client.pipeline(transaction=False)
+            for job_id in self.finished:
+                pipe.publish(FINAL_CHANNEL, job_id)
             for key, value in self.counts.items():
                 # a histogram's sum holds a float: HINCRBY on it fails, even by a whole number
                 if float(value).is_integer() and not key.partition("|")[0].endswith("_sum"):
@@ -100,6 +111,7 @@ class Batch:
             log.warning("metrics not recorded: Redis is unavailable (%s)", type(exc).__name__)
         finally:
             self.counts.clear()
+            self.finished.clear()
 
 
 class HubCollector:

@@ -232,6 +232,7 @@ def _admitted(session: Session, job: Job, runtime: Runtime, now: datetime, batch
             "its tenant's rate"
         if jobs.fail(session, job.id, errors.RateLimited(f"the job waited too long for {reason}"),
                      callback=bool(job.callback_url)):
+            batch.announce(job.id)
             batch.inc("hub_jobs_finished_total", tenant=job.tenant_id, status="failed", code=errors.RateLimited.code)
             job_event(log, "failed", job.id, outcome=errors.RateLimited.code, **fields)
             runtime.notify(job)
@@ -307,6 +308,7 @@ def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, batc
     if not recorded:
         job_event(log, "outcome dropped: the attempt outlived its lease", job.id, **fields)
         return
+    batch.announce(job.id)
     batch.inc("hub_jobs_finished_total", tenant=job.tenant_id, status=status.value, code=code)
     batch.observe("hub_job_execution_seconds", elapsed, tenant=job.tenant_id, outcome=status.value)
     job_event(log, status.value, job.id, outcome=code or status.value, **fields)

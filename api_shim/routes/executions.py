@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -202,6 +203,7 @@ def _load(session: Session, tenant_id: str, job_id: str) -> Job:
 @router.get("/{job_id}", response_model=JobPublic)
 async def get_job(
     job_id: str,
+    request: Request,
     session: SessionDep,
     tenant: CurrentTenant,
     wait: Annotated[float, Query(ge=0, le=30, description="Seconds to hold the answer until the job is final.")] = 0,
@@ -209,9 +211,19 @@ async def get_job(
     """One job; with ``?wait=N`` the answer waits up to N seconds for the job to finish."""
     deadline = time.monotonic() + wait
     job = await run_in_threadpool(_load, session, tenant.id, job_id)
-    while JobStatus(job.status) not in jobs.FINAL_STATES and time.monotonic() < deadline:
-        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        job = await run_in_threadpool(_load, session, tenant.id, job_id)
+    if wait <= 0 or JobStatus(job.status) in jobs.FINAL_STATES:
+        return job_public(job)
+    waiters = request.app.state.waiters
+    finished = waiters.register(job.id)  # woken by the worker's announcement, read again at least every RECHECK_S
+    try:
+        job = await run_in_threadpool(_load, session, tenant.id, job_id)  # it may have finished meanwhile
+        while JobStatus(job.status) not in jobs.FINAL_STATES and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), min(waiters.recheck_s(), max(0.0, deadline - time.monotonic())))
+            finished.clear()
+            job = await run_in_threadpool(_load, session, tenant.id, job_id)
+    finally:
+        waiters.unregister(job.id, finished)
     return job_public(job)
 
 

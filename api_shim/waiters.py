@@ -1,0 +1,86 @@
+"""Waking ``GET /v1/executions/{id}?wait=N`` as soon as a worker finishes the job.
+
+A worker publishes the id of each job it finishes on the Redis channel
+:data:`~models.jobs.FINAL_CHANNEL`, in the round trip that records its metrics. Each API
+process runs one listener (one connection, started with the app) that sets the event of every
+request waiting for that job. A waiting request still reads the job from the database at
+least every :data:`RECHECK_S`, so a message missed while Redis was away costs that much
+latency, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import redis.asyncio as aioredis
+
+from models.jobs import FINAL_CHANNEL
+
+log = logging.getLogger("hub.api")
+
+RECHECK_S = 0.5
+"""A waiting request reads the job again at least this often, message or not."""
+
+
+class Waiters:
+    """The requests of this process that wait for jobs to finish, by job id."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self.events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self.task: asyncio.Task[None] | None = None
+        self.listening = False
+
+    def start(self) -> None:
+        """Start listening (in the running event loop)."""
+        self.task = asyncio.get_running_loop().create_task(self._listen())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.task
+
+    def register(self, job_id: str) -> asyncio.Event:
+        """An event set when the job ``job_id`` is announced as finished."""
+        event = asyncio.Event()
+        self.events[job_id].add(event)
+        return event
+
+    def unregister(self, job_id: str, event: asyncio.Event) -> None:
+        waiting = self.events.get(job_id)
+        if waiting is not None:
+            waiting.discard(event)
+            if not waiting:
+                del self.events[job_id]
+
+    def recheck_s(self) -> float:
+        """How long a waiting request may sleep before it reads the job again."""
+        return RECHECK_S if self.listening else 0.1
+
+    async def _listen(self) -> None:
+        backoff = 0.5
+        while True:
+            client = aioredis.from_url(self.redis_url, socket_connect_timeout=2)
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(FINAL_CHANNEL)
+                    self.listening, backoff = True, 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            for event in self.events.get(message["data"].decode(), ()):
+                                event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis away: wait and subscribe again; polls cover the gap
+                if self.listening:
+                    log.warning("job notifications lost (%s); waiting requests poll the database", type(exc).__name__)
+                self.listening = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                self.listening = False
+                await client.aclose()
