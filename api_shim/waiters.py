@@ -39,10 +39,11 @@ class Waiters:
         self.task = asyncio.get_running_loop().create_task(self._listen())
 
     async def stop(self) -> None:
+        """Stop listening; never waits more than a couple of seconds (a Redis that does not
+        answer cannot hold the API's shutdown)."""
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self.task
+            await asyncio.wait([self.task], timeout=2.0)
 
     def register(self, job_id: str) -> asyncio.Event:
         """An event set when the job ``job_id`` is announced as finished."""
@@ -65,14 +66,15 @@ class Waiters:
         backoff = 0.5
         while True:
             client = aioredis.from_url(self.redis_url, socket_connect_timeout=2)
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
             try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(FINAL_CHANNEL)
-                    self.listening, backoff = True, 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            for event in self.events.get(message["data"].decode(), ()):
-                                event.set()
+                await pubsub.subscribe(FINAL_CHANNEL)
+                self.listening, backoff = True, 0.5
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "message":
+                        for event in self.events.get(message["data"].decode(), ()):
+                            event.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: wait and subscribe again; polls cover the gap
@@ -83,4 +85,6 @@ class Waiters:
                 backoff = min(backoff * 2, 10.0)
             finally:
                 self.listening = False
-                await client.aclose()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                    await asyncio.wait_for(client.aclose(), 1.0)
