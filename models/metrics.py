@@ -81,12 +81,11 @@ class Batch:
     def observe(self, name: str, seconds: float, **labels: object) -> None:
         assert name in HISTOGRAMS, name
         plain = {k: _label(v) for k, v in labels.items()}
-        for bound in SECONDS_BUCKETS:
-            if seconds <= bound:
-                key = _field(name + "_bucket", {**plain, "le": repr(bound)})
-                self.counts[key] = self.counts.get(key, 0.0) + 1
-        inf = _field(name + "_bucket", {**plain, "le": "+Inf"})
-        self.counts[inf] = self.counts.get(inf, 0.0) + 1
+        # Only the one bucket the observation falls in: the scrape adds them up into
+        # Prometheus's cumulative buckets, so an observation costs one field, not fifteen.
+        bound = next((repr(b) for b in SECONDS_BUCKETS if seconds <= b), "+Inf")
+        key = _field(name + "_bucket", {**plain, "le": bound})
+        self.counts[key] = self.counts.get(key, 0.0) + 1
         total = _field(name + "_sum", plain)
         self.counts[total] = self.counts.get(total, 0.0) + max(0.0, seconds)
 
@@ -154,8 +153,10 @@ def histograms(series: Iterable[tuple[tuple[str, dict[str, str]], float]]) -> It
         keys = sorted({k for series_labels in mine for k, _ in series_labels})
         family = HistogramMetricFamily(name, documentation, labels=keys)
         for series_labels, found in sorted(mine.items()):
-            ordered = [(repr(bound), found.get(repr(bound), 0.0)) for bound in SECONDS_BUCKETS]
-            ordered.append(("+Inf", found.get("+Inf", 0.0)))
+            ordered, running = [], 0.0
+            for bound in [*map(repr, SECONDS_BUCKETS), "+Inf"]:
+                running += found.get(bound, 0.0)
+                ordered.append((bound, running))
             values = dict(series_labels)
             family.add_metric([values.get(k, "") for k in keys], ordered, sums.get((name, series_labels), 0.0))
         yield family
