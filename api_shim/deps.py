@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
@@ -98,9 +99,11 @@ def by_id_or_name(session: Session, model: Any, ref: str, **scope: str) -> Any:
     if "\x00" in ref:  # no id or name holds NUL (PostgreSQL cannot even compare one)
         raise errors.NotFound(f"no {model.__name__.lower()} with that reference")
     statement = select(model).where(*(getattr(model, k) == v for k, v in scope.items()))
-    row = session.exec(statement.where(model.id == ref)).first()
-    if row is None and hasattr(model, "name"):
-        row = session.exec(statement.where(model.name == ref)).first()
+    if hasattr(model, "name"):  # one round trip: at most one row by id and one by name; the id wins
+        rows = session.exec(statement.where(sa.or_(model.id == ref, model.name == ref)).limit(2)).all()
+        row = next((r for r in rows if r.id == ref), rows[0] if rows else None)
+    else:
+        row = session.exec(statement.where(model.id == ref)).first()
     if row is None:
         raise errors.NotFound(f"no {model.__name__.lower()} {ref!r}")
     return row

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections import defaultdict
 
 import redis.asyncio as aioredis
@@ -26,37 +27,54 @@ RECHECK_S = 0.5
 
 
 class Waiters:
-    """The requests of this process that wait for jobs to finish, by job id."""
+    """The requests of this process that wait for jobs to finish, by job id.
+
+    One listener per event loop that started it (uvicorn runs one; tests may run several
+    apps' lifespans at once); an announcement wakes every waiting request, each in its own
+    loop."""
 
     def __init__(self, redis_url: str) -> None:
         self.redis_url = redis_url
-        self.events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
-        self.task: asyncio.Task[None] | None = None
+        self.events: defaultdict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = defaultdict(set)
+        self.tasks: dict[asyncio.AbstractEventLoop, asyncio.Task[None]] = {}
         self.listening = False
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         """Start listening (in the running event loop)."""
-        self.task = asyncio.get_running_loop().create_task(self._listen())
+        loop = asyncio.get_running_loop()
+        self.tasks[loop] = loop.create_task(self._listen())
 
     async def stop(self) -> None:
-        """Stop listening; never waits more than a couple of seconds (a Redis that does not
-        answer cannot hold the API's shutdown)."""
-        if self.task is not None:
-            self.task.cancel()
-            await asyncio.wait([self.task], timeout=2.0)
+        """Stop this loop's listener; never waits more than a couple of seconds (a Redis that
+        does not answer cannot hold the API's shutdown)."""
+        task = self.tasks.pop(asyncio.get_running_loop(), None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=2.0)
 
     def register(self, job_id: str) -> asyncio.Event:
         """An event set when the job ``job_id`` is announced as finished."""
         event = asyncio.Event()
-        self.events[job_id].add(event)
+        with self._lock:
+            self.events[job_id].add((asyncio.get_running_loop(), event))
         return event
 
     def unregister(self, job_id: str, event: asyncio.Event) -> None:
-        waiting = self.events.get(job_id)
-        if waiting is not None:
-            waiting.discard(event)
-            if not waiting:
-                del self.events[job_id]
+        with self._lock:
+            waiting = self.events.get(job_id)
+            if waiting is not None:
+                waiting.discard((asyncio.get_running_loop(), event))
+                if not waiting:
+                    del self.events[job_id]
+
+    def wake(self, job_id: str) -> None:
+        """Wake every request waiting for ``job_id``, in whichever loop it waits."""
+        with self._lock:
+            waiting = list(self.events.get(job_id, ()))
+        for loop, event in waiting:
+            with contextlib.suppress(RuntimeError):  # its loop has closed
+                loop.call_soon_threadsafe(event.set)
 
     def recheck_s(self) -> float:
         """How long a waiting request may sleep before it reads the job again."""
@@ -73,8 +91,7 @@ class Waiters:
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
-                        for event in self.events.get(message["data"].decode(), ()):
-                            event.set()
+                        self.wake(message["data"].decode())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis away: wait and subscribe again; polls cover the gap

@@ -165,9 +165,15 @@ class PinnedBackend(httpcore.NetworkBackend):
         self._inner.sleep(seconds)
 
 
+MAX_CONNECTIONS = 200
+"""Connections a worker process's pool may hold: more than any sensible ``-c``."""
+
+
 class PinnedTransport(httpx.HTTPTransport):
     """httpx's transport on a connection pool whose backend is :class:`PinnedBackend`."""
 
     def __init__(self, ssl_context: ssl.SSLContext) -> None:
         super().__init__(verify=ssl_context)
-        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=PinnedBackend())
+        # httpcore's default of 10 connections would let only 10 of a threads worker's slots call out at once
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=PinnedBackend(),
+                                             max_connections=MAX_CONNECTIONS, max_keepalive_connections=MAX_CONNECTIONS)
