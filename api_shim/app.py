@@ -18,6 +18,7 @@ from api_shim.routes import callback_key, connections, executions, health, metri
 from api_shim.waiters import Waiters
 from models.db import get_engine
 from models.settings import Settings, get_settings
+from models.tenants import Callers
 from models.vault import Vault, generate_key
 
 DESCRIPTION = """Keeps an organisation's connections to third-party web services in one place
@@ -46,6 +47,7 @@ def create_app(
     app = FastAPI(title="Integration Hub", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.waiters = waiters
     app.state.settings = settings
+    app.state.callers = Callers(settings.api_key_cache_s)
     app.state.engine = engine or get_engine(settings.effective_database_url())
     app.state.enqueue = enqueue or celery_enqueue()
     app.state.vault = Vault.from_setting(settings.master_keys_value())

@@ -8,8 +8,10 @@ mode and a busy timeout, because the API and the worker write to the same file.
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,6 +63,28 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+_sqlite_writers: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_writers_lock = threading.Lock()
+
+
+def writing(session: Session) -> AbstractContextManager[Any]:
+    """Hold around a write transaction, from its first write to its commit or rollback.
+
+    On SQLite, the threads of one process then take the database's write lock one after the
+    other instead of all waiting in SQLite's busy handler, which sleeps in steps of up to
+    100 ms however soon the lock frees: the benchmark saw submissions take 400 ms at p99 that
+    way. Other processes still wait in the busy handler. Elsewhere it does nothing.
+    """
+    bind = session.get_bind()
+    if bind.dialect.name != "sqlite":
+        return nullcontext()
+    with _writers_lock:
+        lock = _sqlite_writers.get(bind)
+        if lock is None:
+            lock = _sqlite_writers[bind] = threading.Lock()
+    return lock
 
 
 def lock_row(session: Session, model: Any, row_id: str) -> None:

@@ -51,6 +51,14 @@ def put(session: Session, vault: Vault, *, tenant_id: str, connection_id: str, n
     session.add(row)
 
 
+_OPEN = select(Secret).where(
+    col(Secret.connection_id) == sa.bindparam("connection_id"),
+    col(Secret.tenant_id) == sa.bindparam("tenant_id"),
+    col(Secret.name).in_(sa.bindparam("names", expanding=True)),
+)
+"""Built once: every job that uses secrets runs it."""
+
+
 def open_secrets(session: Session, vault: Vault, *, tenant_id: str, connection_id: str,
                  names: Iterable[str]) -> dict[str, str]:
     """The plaintexts of the connection's secrets ``names``, for one job, in memory only.
@@ -60,13 +68,7 @@ def open_secrets(session: Session, vault: Vault, *, tenant_id: str, connection_i
     wanted = sorted(set(names))
     if not wanted:
         return {}
-    rows = session.exec(
-        select(Secret).where(
-            Secret.connection_id == connection_id,
-            Secret.tenant_id == tenant_id,
-            Secret.name.in_(wanted),  # type: ignore[attr-defined]
-        )
-    ).all()
+    rows = session.exec(_OPEN, params={"connection_id": connection_id, "tenant_id": tenant_id, "names": wanted}).all()
     found = {row.name: row for row in rows}
     for name in wanted:
         if name not in found:

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     default_rate_per_s: float = 10.0
     default_burst: int = 20
     default_max_inflight: int = 100
+    api_key_cache_s: float = Field(
+        default=5.0, ge=0,
+        description="How long each API process remembers which tenant an API key belongs to (0: look it up on "
+                    "every request). A key revoked in the database keeps working for up to this long.",
+    )
 
     tls_ca_file: Path | None = Field(
         default=None, description="A PEM bundle of the CAs the worker trusts, instead of the system's."

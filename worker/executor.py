@@ -19,8 +19,9 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 import redis
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from models import errors, jobs, metrics, rules, secrets
 from models.base import as_utc, rfc3339, utcnow
@@ -179,11 +180,12 @@ def run_job(job_id: str, runtime: Runtime) -> None:
 
 
 def _run(session: Session, job_id: str, runtime: Runtime, batch: metrics.Batch) -> None:
-    job = session.get(Job, job_id)
+    found = session.execute(_LOAD, {"job_id": job_id}).first()
     now = utcnow()
-    if job is None or not jobs.claimable(job, now):
+    if found is None or not jobs.claimable(found[0], now):
         job_event(log, "not waiting; delivery ignored", job_id)
         return
+    job, connection, stored = found
     try:
         if runtime.limiter is not None and not _admitted(session, job, runtime, now, batch):
             return
@@ -203,7 +205,7 @@ def _run(session: Session, job_id: str, runtime: Runtime, batch: metrics.Batch) 
         fields["queue_wait_ms"] = round(waited * 1000, 1)
     job_event(log, "running", job_id, **fields)
     try:
-        answer = _execute(session, job, runtime, attempt, deadline_s)
+        answer = _execute(session, job, connection, stored, runtime, attempt, deadline_s)
     except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
         _settle(session, job, runtime, attempt, batch, error=exc)
         return
@@ -325,9 +327,18 @@ class Answer:
     retry_after: str | None = None
 
 
-def _execute(session: Session, job: Job, runtime: Runtime, attempt: Attempt, deadline_s: float) -> Answer:
+_LOAD = (
+    select(Job, Connection, Request)
+    .outerjoin(Connection, col(Connection.id) == col(Job.connection_id))
+    .outerjoin(Request, col(Request.id) == col(Job.request_id))
+    .where(col(Job.id) == sa.bindparam("job_id"))
+)
+"""A job with its connection and stored request (None where gone), in one round trip."""
+
+
+def _execute(session: Session, job: Job, connection: Connection | None, stored: Request | None, runtime: Runtime,
+             attempt: Attempt, deadline_s: float) -> Answer:
     used = attempt.used
-    connection = session.get(Connection, job.connection_id)
     if connection is None or connection.tenant_id != job.tenant_id:
         raise errors.ReferenceGone()
     if job.action == "auth":
@@ -338,7 +349,7 @@ def _execute(session: Session, job: Job, runtime: Runtime, attempt: Attempt, dea
         request: Request | None = Request(tenant_id=job.tenant_id, connection_id=connection.id, name="adhoc",
                                           kind="studio", **job.params["adhoc"])
     else:
-        request = session.get(Request, job.request_id) if job.request_id else None
+        request = stored
     if request is None or request.connection_id != connection.id:
         raise errors.ReferenceGone()
     attempt.method = request.method
