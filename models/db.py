@@ -20,6 +20,11 @@ from sqlmodel import Session
 
 from models.settings import get_settings
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: turns among threads only
+    fcntl = None  # type: ignore[assignment]
+
 _engines: dict[tuple[int, str], Engine] = {}
 
 
@@ -65,26 +70,70 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
             raise
 
 
-_sqlite_writers: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
-_writers_lock = threading.Lock()
+class _Turns:
+    """Turns at SQLite's write lock: a lock for the threads of this process and, for the hub's
+    processes, an advisory lock (``flock``) on a file beside the database. A waiter there is
+    woken as soon as the turn is free, where SQLite's busy handler sleeps in steps of up to
+    100 ms however soon the lock frees (the benchmark saw submissions take 400 ms at p99 so).
+    Re-entrant within a thread."""
+
+    def __init__(self, path: str | None) -> None:
+        self._threads = threading.RLock()
+        self._depth = 0
+        self._path = path
+        self._fd: int | None = None
+        self._pid = os.getpid()
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        self._depth += 1
+        if self._depth == 1:
+            try:
+                fd = self._file()
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                self._depth -= 1
+                self._threads.release()
+                raise
+
+    def __exit__(self, *_: object) -> None:
+        try:
+            if self._depth == 1 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._depth -= 1
+            self._threads.release()
+
+    def _file(self) -> int | None:
+        if self._path is None or fcntl is None:
+            return None
+        if self._fd is None or self._pid != os.getpid():  # a forked child opens its own
+            try:
+                self._fd, self._pid = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600), os.getpid()
+            except OSError:  # a read-only directory: the threads' lock alone
+                self._path = None
+                return None
+        return self._fd
+
+
+_turns: weakref.WeakKeyDictionary[Any, _Turns] = weakref.WeakKeyDictionary()
+_turns_lock = threading.Lock()
 
 
 def writing(session: Session) -> AbstractContextManager[Any]:
-    """Hold around a write transaction, from its first write to its commit or rollback.
-
-    On SQLite, the threads of one process then take the database's write lock one after the
-    other instead of all waiting in SQLite's busy handler, which sleeps in steps of up to
-    100 ms however soon the lock frees: the benchmark saw submissions take 400 ms at p99 that
-    way. Other processes still wait in the busy handler. Elsewhere it does nothing.
-    """
-    bind = session.get_bind()
-    if bind.dialect.name != "sqlite":
+    """Hold around a write transaction, from its first write to its commit or rollback: on
+    SQLite, the hub's writers then take turns (see :class:`_Turns`). Elsewhere it does nothing."""
+    engine = session.get_bind().engine
+    if engine.dialect.name != "sqlite":
         return nullcontext()
-    with _writers_lock:
-        lock = _sqlite_writers.get(bind)
-        if lock is None:
-            lock = _sqlite_writers[bind] = threading.Lock()
-    return lock
+    with _turns_lock:
+        turns = _turns.get(engine)
+        if turns is None:
+            database = engine.url.database
+            path = f"{os.path.abspath(database)}.writers" if database and database != ":memory:" else None
+            turns = _turns[engine] = _Turns(path)
+    return turns
 
 
 def lock_row(session: Session, model: Any, row_id: str) -> None:

@@ -51,12 +51,13 @@ def put(session: Session, vault: Vault, *, tenant_id: str, connection_id: str, n
     session.add(row)
 
 
-_OPEN = select(Secret).where(
-    col(Secret.connection_id) == sa.bindparam("connection_id"),
-    col(Secret.tenant_id) == sa.bindparam("tenant_id"),
-    col(Secret.name).in_(sa.bindparam("names", expanding=True)),
+_SECRETS = Secret.__table__  # type: ignore[attr-defined]
+_OPEN = sa.select(_SECRETS.c.name, _SECRETS.c.key_id, _SECRETS.c.nonce, _SECRETS.c.ciphertext).where(
+    _SECRETS.c.connection_id == sa.bindparam("connection_id"),
+    _SECRETS.c.tenant_id == sa.bindparam("tenant_id"),
+    _SECRETS.c.name.in_(sa.bindparam("names", expanding=True)),
 )
-"""Built once: every job that uses secrets runs it."""
+"""Built once, on the table: every job that uses secrets runs it."""
 
 
 def open_secrets(session: Session, vault: Vault, *, tenant_id: str, connection_id: str,
@@ -68,7 +69,7 @@ def open_secrets(session: Session, vault: Vault, *, tenant_id: str, connection_i
     wanted = sorted(set(names))
     if not wanted:
         return {}
-    rows = session.exec(_OPEN, params={"connection_id": connection_id, "tenant_id": tenant_id, "names": wanted}).all()
+    rows = session.execute(_OPEN, {"connection_id": connection_id, "tenant_id": tenant_id, "names": wanted}).all()
     found = {row.name: row for row in rows}
     for name in wanted:
         if name not in found:

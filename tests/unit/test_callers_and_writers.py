@@ -121,3 +121,48 @@ def test_other_databases_need_no_turns() -> None:
     with Session(engine) as session:
         assert isinstance(writing(session), nullcontext)
     engine.dispose()
+
+
+def test_sqlite_writers_of_other_processes_take_turns_too(engine: Engine, tmp_path: Path) -> None:
+    """A writer in another process waits for the turn this one holds (a lock on a file beside
+    the database), and goes as soon as it is released."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\n"
+        "from sqlmodel import Session\n"
+        "from models.db import make_engine, writing\n"
+        "engine = make_engine(sys.argv[1])\n"
+        "print('waiting', flush=True)\n"
+        "with Session(engine) as session, writing(session):\n"
+        "    print('in', flush=True)\n"
+    )
+    with Session(engine) as session:
+        with writing(session):
+            assert Path(f"{engine.url.database}.writers").exists()
+            other = subprocess.Popen([sys.executable, "-c", script, str(engine.url)], stdout=subprocess.PIPE,
+                                     text=True, cwd=Path(__file__).resolve().parents[2])
+            assert other.stdout is not None
+            assert other.stdout.readline().strip() == "waiting"
+            with pytest.raises(subprocess.TimeoutExpired):
+                other.wait(0.5)  # still waiting for the turn this process holds
+        out, _ = other.communicate(timeout=30)
+    assert out.strip() == "in"
+
+
+def test_a_thread_may_take_its_own_turn_again(engine: Engine) -> None:
+    with Session(engine) as session:
+        with writing(session):
+            with writing(session):
+                pass
+        done = threading.Event()
+
+        def other() -> None:
+            with writing(session):
+                done.set()
+
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join(5)
+        assert done.is_set(), "the turn was not given back after nested use"
