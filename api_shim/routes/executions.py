@@ -239,6 +239,15 @@ def _load(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+def _read(session: Session, tenant_id: str, job_id: str) -> Job:
+    """:func:`_load`, then the session gives its connection back to the pool: a request that
+    waits for its job must not hold one meanwhile (32 waiting requests emptied the pool)."""
+    try:
+        return _load(session, tenant_id, job_id)
+    finally:
+        session.close()
+
+
 @router.get("/{job_id}", response_model=JobPublic)
 async def get_job(
     job_id: str,
@@ -251,18 +260,18 @@ async def get_job(
     deadline = time.monotonic() + wait
     tenant_id = tenant.id
     if wait <= 0:
-        return job_public(await run_in_threadpool(_load, session, tenant_id, job_id))
+        return job_public(await run_in_threadpool(_read, session, tenant_id, job_id))
     waiters = request.app.state.waiters
     # Registered before the first read, so an announcement made between the read and the wait
     # still wakes it; read again at least every RECHECK_S all the same.
     finished = waiters.register(job_id)
     try:
-        job = await run_in_threadpool(_load, session, tenant_id, job_id)
+        job = await run_in_threadpool(_read, session, tenant_id, job_id)
         while JobStatus(job.status) not in jobs.FINAL_STATES and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), min(waiters.recheck_s(), max(0.0, deadline - time.monotonic())))
             finished.clear()
-            job = await run_in_threadpool(_load, session, tenant_id, job_id)
+            job = await run_in_threadpool(_read, session, tenant_id, job_id)
     finally:
         waiters.unregister(job_id, finished)
     return job_public(job)
