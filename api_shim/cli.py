@@ -13,6 +13,11 @@
     integration-hub upstream [--host H] [--port P]
     integration-hub keys generate | rotate
     integration-hub openapi
+
+A worker on a gevent or eventlet pool must monkey-patch the standard library before anything
+imports ``socket``, ``ssl`` or ``threading``, as Celery's own ``celery`` command does: so this
+module imports only ``argparse``, ``os``, ``sys`` and ``typing`` itself, and the hub's modules
+(whose imports reach those) inside :func:`main`, after :func:`_patch_for_pool`.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from models import errors
-from models.settings import Settings, get_settings
-from models.vault import Vault, generate_key
+if TYPE_CHECKING:
+    from models.settings import Settings
+
+COOPERATIVE_POOLS = ("gevent", "eventlet")
+"""Worker pools that run each job in a greenlet: they need the standard library patched first."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,6 +89,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _patch_for_pool(pool: str) -> bool:
+    """For a gevent or eventlet pool, monkey-patch the standard library now, as ``celery``'s
+    entry point does (``celery.__main__``); False, after a one-line error, when that library
+    is not installed. Other pools need nothing."""
+    if pool not in COOPERATIVE_POOLS:
+        return True
+    from celery import maybe_patch_concurrency  # imports neither socket nor threading
+
+    try:
+        maybe_patch_concurrency(["--pool", pool])
+    except ImportError as exc:
+        print(f"error: --pool {pool} needs {pool}, which could not be imported ({exc}): pip install {pool}",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def _celery(arguments: list[str]) -> int:
     """Run the ``celery`` command on the hub's app, in this process."""
     from celery.bin.celery import main as celery_main
@@ -94,6 +119,8 @@ def _celery(arguments: list[str]) -> int:
 
 
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from models.vault import Vault, generate_key
+
     if args.keys_command == "generate":
         print("A new master key. Put it first in HUB_MASTER_KEYS (keep the old ones after it),")
         print("then run `integration-hub keys rotate`:")
@@ -128,6 +155,12 @@ def _set_tenant(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run the command named by ``argv`` (default: the process's arguments)."""
     args = _parser().parse_args(argv)
+    if args.command == "worker" and not _patch_for_pool(args.pool):
+        return 2
+    from models import errors
+    from models.settings import get_settings
+    from models.vault import Vault
+
     settings = get_settings()
     try:
         if args.command == "dev":

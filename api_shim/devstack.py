@@ -7,6 +7,11 @@ the terminal's Ctrl-C reaches only this process) and gets a parent-death signal 
 outlives this process even if it is killed). On Ctrl-C or SIGTERM it stops them in reverse
 order: SIGTERM to each child's main process, then, after a grace period, SIGKILL to what is
 left of its process group.
+
+Its children send Celery's task events (``HUB_TASK_EVENTS=true``), which are off by default:
+the dev stack runs Flower, whose task list should hold every job from the first one, with
+its ``task-sent`` state, instead of only those received after Flower's first "enable events"
+broadcast to the workers.
 """
 
 from __future__ import annotations
@@ -206,6 +211,7 @@ def run(settings: Settings, *, host: str, port: int, flower_port: int, upstream_
         "HUB_ALLOW_PRIVATE_DESTINATIONS": "true",
         "HUB_ALLOW_HTTP": "true",
         "FLOWER_UNAUTHENTICATED_API": "true",
+        "HUB_TASK_EVENTS": "true",  # for Flower, from the first job on (see the module's docstring)
         "PYTHONUNBUFFERED": "1",
     }
     stack = Stack(data_dir, env)

@@ -10,7 +10,7 @@ call to the same demo upstream, for the hub's figures to be read against.
   thread waiting for that id (no polling). The client's own app has no result backend, so
   sending a task does not subscribe to its result.
 - Delivery options: Celery's defaults (``BENCH_BASELINE_DELIVERY=celery``), or the hub's
-  (``=hub``: late acks, reject on worker lost, a prefetch of one, task events sent) to tell
+  (``=hub``: late acks, reject on worker lost, a prefetch of one; no task events, as the hub by default) to tell
   how much of the difference those settings make.
 
 Workers run as ``python -m celery -A bench.baseline_app worker --pool P -c N``, with the same
@@ -46,8 +46,6 @@ def make_app(broker_url: str, *, backend: bool = True, delivery: str = "celery")
             task_acks_late=True,
             task_reject_on_worker_lost=True,
             worker_prefetch_multiplier=1,
-            worker_send_task_events=True,
-            task_send_sent_event=True,
         )
     return app
 

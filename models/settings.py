@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     flower_basic_auth: SecretStr | None = Field(
         default=None, description="user:password that Flower asks for; comma-separate several."
     )
+    task_events: bool = False
+    """Celery's task events (``task-sent`` from the API and beat, ``task-received``,
+    ``-started``, ``-succeeded`` … from the workers): only Flower reads them, and they cost
+    about 4 Redis publishes per job, so they are off. Flower (``--enable_events``, its
+    default) tells every worker to turn its task events on every 5 seconds, so while Flower
+    runs the workers send them anyway: only ``task-sent`` stays off, and a task that a worker
+    received before Flower's first broadcast is not shown. ``integration-hub dev`` turns them on."""
 
     @model_validator(mode="after")
     def _visibility_outlasts_every_countdown(self) -> Settings:

@@ -7,11 +7,13 @@ row makes the second delivery harmless. No result backend: results live in the j
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
 import sys
-import threading
+import time
+from typing import Any
 
 from celery import Celery, signals
 
@@ -20,6 +22,8 @@ from models.errors import HubError
 from models.settings import Settings, get_settings
 from models.vault import Vault
 from worker.keys import SWEEP_TASK
+
+log = logging.getLogger("hub.worker")
 
 
 def create_app(settings: Settings) -> Celery:
@@ -33,8 +37,9 @@ def create_app(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=settings.queue_name,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Only Flower reads task events; while it runs it turns the workers' on (HUB_TASK_EVENTS).
+        worker_send_task_events=settings.task_events,
+        task_send_sent_event=settings.task_events,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=4,
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
@@ -82,6 +87,32 @@ def use_the_hubs_log_format(logger: logging.Logger, **_: object) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+def monkey_patched() -> str | None:
+    """The library, ``gevent`` or ``eventlet``, that made this process's sockets cooperative;
+    None if neither did. Neither is imported here: one not imported yet has patched nothing."""
+    gevent_monkey: Any = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("socket"):
+        return "gevent"
+    eventlet_patcher: Any = sys.modules.get("eventlet.patcher")
+    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("socket"):
+        return "eventlet"
+    return None
+
+
+@signals.worker_ready.connect
+def say_how_the_worker_runs(sender: Any, **_: object) -> None:
+    """One line when a worker is ready (just before Celery's ``ready.``): its pool, its slots,
+    whether it sends task events, and which library monkey-patched its sockets. A gevent or
+    eventlet worker whose sockets are not patched blocks on its first socket, whatever its ``-c``."""
+    worker = sender.controller  # the sender is the worker's consumer
+    pool_cls = worker.pool_cls
+    pool = (pool_cls if isinstance(pool_cls, str) else pool_cls.__module__).rsplit(".", 1)[-1]
+    fields = {"pool": pool, "concurrency": worker.concurrency,
+              "task_events": "on" if worker.task_events else "off", "monkey_patched": monkey_patched() or "no"}
+    log.info("worker %s: %s", sender.hostname, " ".join(f"{key}={value}" for key, value in fields.items()),
+             extra={logs.HUB_FIELDS: fields})
+
+
 @signals.worker_shutting_down.connect
 def bound_the_warm_shutdown(how: str = "", **_: object) -> None:
     """On SIGTERM Celery stops taking messages and waits for the running jobs (a warm
@@ -90,7 +121,12 @@ def bound_the_warm_shutdown(how: str = "", **_: object) -> None:
     again."""
     if how != "Warm":
         return
-    grace = get_settings().worker_shutdown_grace_s
-    timer = threading.Timer(grace, os.kill, args=(os.getpid(), signal.SIGQUIT))
-    timer.daemon = True
-    timer.start()
+    # Not threading.Timer, whose start() waits until its thread runs: a gevent worker calls
+    # this handler in its event loop, where nothing may wait. A bare thread (a greenlet once
+    # monkey-patched) starts without waiting.
+    _thread.start_new_thread(_quit_after, (get_settings().worker_shutdown_grace_s,))
+
+
+def _quit_after(grace_s: float) -> None:
+    time.sleep(grace_s)
+    os.kill(os.getpid(), signal.SIGQUIT)

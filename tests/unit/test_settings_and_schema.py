@@ -272,13 +272,25 @@ def test_celery_delivers_at_least_once_one_message_at_a_time(clean_env: Path) ->
     assert conf.worker_prefetch_multiplier == 1
 
 
-def test_celery_sends_the_events_flower_shows(clean_env: Path) -> None:
-    # Given the hub's Celery app
-    app = create_app(_celery_settings())
+@pytest.mark.parametrize("events", [False, True])
+def test_celery_sends_task_events_as_the_setting_says(clean_env: Path, events: bool) -> None:
+    # Given the hub's Celery app, made with task events off or on
+    app = create_app(_celery_settings(task_events=events))
     # When its configuration is read
-    # Then task-sent and worker events are on
-    assert app.conf.task_send_sent_event is True
-    assert app.conf.worker_send_task_events is True
+    # Then the API's task-sent events and the workers' task events are as asked
+    assert app.conf.task_send_sent_event is events
+    assert app.conf.worker_send_task_events is events
+
+
+def test_task_events_are_off_unless_hub_task_events_turns_them_on(clean_env: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given no HUB_TASK_EVENTS, then HUB_TASK_EVENTS=true
+    # Then the Celery app sends no task events, then both kinds
+    assert create_app(_celery_settings()).conf.worker_send_task_events is False
+    assert create_app(_celery_settings()).conf.task_send_sent_event is False
+    monkeypatch.setenv("HUB_TASK_EVENTS", "true")
+    assert create_app(_celery_settings()).conf.worker_send_task_events is True
+    assert create_app(_celery_settings()).conf.task_send_sent_event is True
 
 
 def test_celery_needs_no_result_backend(clean_env: Path) -> None:
