@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import platform
@@ -81,7 +82,7 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
-    pools = args.pool or [p for p in ("prefork", "threads")]
+    pools = args.pool or ["prefork", "threads", *(["gevent"] if importlib.util.find_spec("gevent") else [])]
     levels = args.concurrency or ([4, 16] if quick else [8, 32])
     return {
         "quick": quick,
