@@ -16,6 +16,7 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ class Profiler:
         self.note = ""
 
     def start(self, api_pid: int, worker_pids: list[int]) -> None:
-        binary = shutil.which("py-spy")
+        # The venv's bin directory need not be on PATH (python -m bench run by the venv's python).
+        binary = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
         if binary is None:
             self.note = "py-spy is not installed (pip install py-spy): no samples"
             return

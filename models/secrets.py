@@ -44,7 +44,8 @@ def put(session: Session, vault: Vault, *, tenant_id: str, connection_id: str, n
     sealed = vault.seal(value, tenant_id=tenant_id, connection_id=connection_id, name=name)
     row = session.exec(select(Secret).where(Secret.connection_id == connection_id, Secret.name == name)).first()
     if row is None:
-        row = Secret(tenant_id=tenant_id, connection_id=connection_id, name=name,
+        now = utcnow()  # one reading: a new secret's two times are equal, not a millisecond apart
+        row = Secret(tenant_id=tenant_id, connection_id=connection_id, name=name, created_at=now, updated_at=now,
                      key_id=sealed.key_id, nonce=sealed.nonce, ciphertext=sealed.ciphertext)
     else:
         row.key_id, row.nonce, row.ciphertext, row.updated_at = (*sealed, utcnow())

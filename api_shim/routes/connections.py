@@ -58,7 +58,10 @@ def create_connection(
     lock_row(session, Tenant, tenant.id)  # creations of one tenant queue here: the count holds
     if count(session, Connection, Connection.tenant_id == tenant.id) >= rules.MAX_CONNECTIONS_PER_TENANT:
         raise errors.ConnectionLimitReached()
+    now = utcnow()
     row = Connection(
+        created_at=now,
+        updated_at=now,
         tenant_id=tenant.id,
         template_id=template.id,
         name=body.name,

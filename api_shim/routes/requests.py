@@ -51,7 +51,8 @@ def create_request(
     lock_row(session, Connection, owner.id)  # creations on one connection queue here
     if count(session, Request, Request.connection_id == owner.id) >= rules.MAX_REQUESTS_PER_CONNECTION:
         raise errors.RequestLimitReached()
-    row = Request(tenant_id=tenant.id, connection_id=owner.id, **values)
+    now = utcnow()
+    row = Request(tenant_id=tenant.id, connection_id=owner.id, created_at=now, updated_at=now, **values)
     with unique_name(session, f"the connection has a request named {body.name!r}"):
         session.add(row)
     return request_public(row)
