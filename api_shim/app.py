@@ -13,6 +13,7 @@ from pydantic import SecretStr
 from sqlalchemy.engine import Engine
 
 from api_shim import problems
+from api_shim.bodylimit import BodyLimit
 from api_shim.queue import Enqueue, celery_enqueue
 from api_shim.routes import callback_key, connections, executions, health, metrics, requests, secrets, templates
 from api_shim.waiters import Waiters
@@ -53,6 +54,7 @@ def create_app(
     app.state.vault = Vault.from_setting(settings.master_keys_value())
     app.state.redis = redis.Redis.from_url(settings.effective_redis_url(), socket_timeout=2, socket_connect_timeout=2)
     problems.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     for module in (health, metrics, templates, connections, requests, secrets, executions, callback_key):
         app.include_router(module.router)
     return app

@@ -8,7 +8,7 @@ without a stack trace or a message from inside.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.errors import DatabaseUnavailable, HubError
+from models.errors import DatabaseUnavailable, HubError, PayloadTooLarge
 from models.views import Problem
 
 log = logging.getLogger("hub.api")
@@ -33,6 +33,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "The database is unreachable (`database_unavailable`); nothing was stored."},
 }
 """The problem responses every ``/v1`` route may give, for the OpenAPI document."""
+
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 
 def problem(
@@ -60,8 +62,26 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return problem(422, "validation_error", "The request is not valid.", detail, errors=found)
 
 
+def _unreadable(cause: BaseException) -> str:
+    """Why FastAPI could not read a JSON body, in words that quote nothing of it."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the JSON nests too deeply"
+    return "the body is not JSON the hub can read (a number too large?)"
+
+
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, (ValueError, RecursionError)):
+        # FastAPI's answer to a body json.loads could not read (it answers invalid syntax 422
+        # itself): invalid UTF-8, nesting past the recursion limit, an integer over 4,300 digits.
+        msg = _unreadable(exc.__cause__)
+        return problem(422, "validation_error", "The request is not valid.", f"body: {msg}",
+                       errors=[{"loc": ["body"], "msg": msg}])
+    if exc.status_code == 413:  # a body cut off as it arrived (api_shim.bodylimit)
+        too_large = PayloadTooLarge(str(exc.detail))
+        return problem(too_large.status, too_large.code, too_large.title, too_large.message)
     code = STARLETTE_CODES.get(exc.status_code, "http_error")
     return problem(exc.status_code, code, str(exc.detail), str(exc.detail), exc.headers)
 
@@ -78,8 +98,27 @@ async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return problem(500, "internal_error", "Something went wrong inside the hub.", "See the hub's logs.")
 
 
+def _documented(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with every problem response documented as ``application/problem+json``, the
+    type it is served with (FastAPI declares a response ``model`` as ``application/json``)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for operations in generate().get("paths", {}).values():
+                for operation in operations.values():
+                    for response in operation.get("responses", {}).values():
+                        content = response.get("content", {})
+                        if content.get("application/json", {}).get("schema") == PROBLEM_REF:
+                            content["application/problem+json"] = content.pop("application/json")
+        return app.openapi_schema or generate()
+
+    return openapi
+
+
 def install(app: FastAPI) -> None:
-    """Register the handlers on ``app``."""
+    """Register the handlers on ``app``, and document their problems as what they are."""
+    app.openapi = _documented(app)  # type: ignore[method-assign]
     app.add_exception_handler(HubError, _hub_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

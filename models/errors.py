@@ -7,6 +7,7 @@
     ├── NotFound                  404 not_found
     ├── MethodNotAllowed          405 method_not_allowed
     │   └── TemplateImmutable     405 template_immutable
+    ├── PayloadTooLarge           413 payload_too_large
     ├── Conflict                  409 conflict
     │   ├── NameTaken             409 name_taken
     │   ├── ConnectionLimitReached 409 connection_limit_reached
@@ -79,6 +80,13 @@ class TemplateImmutable(MethodNotAllowed):
     """Templates are immutable: create a new one instead."""
 
     code = "template_immutable"
+
+
+class PayloadTooLarge(HubError):
+    """The request body is too large."""
+
+    code = "payload_too_large"
+    status = 413
 
 
 class Conflict(HubError):

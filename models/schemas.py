@@ -6,35 +6,68 @@ Inputs forbid unknown fields, so a misspelt field is an error rather than silent
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+import math
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 HEADER_NAME = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
 NAME = Field(min_length=1, max_length=200)
 
+MAX_NESTING = 64
+"""How deep arrays and objects may nest in a request body, all of it counted."""
+MAX_HEADERS = 50
+MAX_QUERY = 100
+MAX_PATH_PARAMS = 50
+MAX_VARIABLES = 100
+MAX_VALUE_CHARS = 8192
+"""The longest header value, query value or path parameter."""
 
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_has_nul(item) for item in value)
-    return False
+HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=200, pattern=HEADER_NAME)]
+Value = Annotated[str, StringConstraints(max_length=MAX_VALUE_CHARS)]
+Headers = Annotated[dict[HeaderName, Value], Field(max_length=MAX_HEADERS)]
+Query = Annotated[dict[Annotated[str, StringConstraints(max_length=1000)], Value], Field(max_length=MAX_QUERY)]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refusal(data: Any) -> str | None:
+    """Why ``data`` (parsed JSON) cannot be taken, or None: a NUL character (no database column
+    can hold one), a lone surrogate (not encodable as UTF-8), a number that is not finite
+    (``1e400``, ``NaN``: not JSON), or nesting deeper than ``MAX_NESTING``. Walked with a stack,
+    not recursion, so no depth can exhaust Python's."""
+    pending: list[tuple[Any, int]] = [(data, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return "text may not contain the NUL character"
+            if not value.isascii() and _SURROGATE.search(value):
+                return "text may not contain a lone surrogate (it is not UTF-8)"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "numbers must be finite"
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_NESTING:
+                return f"JSON may nest at most {MAX_NESTING} levels"
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            pending.extend((item, depth + 1) for item in items)
+    return None
 
 
 class Input(BaseModel):
-    """Base of every request body: unknown fields are refused, and so is a NUL character
-    anywhere in it (no database column can hold one)."""
+    """Base of every request body: unknown fields are refused, and so is any value that
+    :func:`_refusal` refuses, anywhere in it."""
 
     model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
     def _no_nul(cls, data: Any) -> Any:
-        if _has_nul(data):
-            raise ValueError("text may not contain the NUL character")
+        refusal = _refusal(data)
+        if refusal:
+            raise ValueError(refusal)
         return data
 
 
@@ -143,8 +176,8 @@ class RequestCreate(Input):
     kind: str = "manual"
     method: str = Field(min_length=1, max_length=10)
     url: str = Field(min_length=1, max_length=4096)
-    headers: dict[str, str] = Field(default_factory=dict)
-    query: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
+    query: Query = Field(default_factory=dict)
     body: Any = None
     media_type: str = "application/json"
 
@@ -158,8 +191,8 @@ class RequestUpdate(Update):
     kind: str | None = None
     method: str | None = Field(default=None, min_length=1, max_length=10)
     url: str | None = Field(default=None, min_length=1, max_length=4096)
-    headers: dict[str, str] | None = None
-    query: dict[str, str] | None = None
+    headers: Headers | None = None
+    query: Query | None = None
     body: Any = None
     media_type: str | None = None
 
@@ -169,8 +202,8 @@ class AdhocRequest(Input):
 
     method: str = Field(min_length=1, max_length=10)
     url: str = Field(min_length=1, max_length=4096)
-    headers: dict[str, str] = Field(default_factory=dict)
-    query: dict[str, str] = Field(default_factory=dict)
+    headers: Headers = Field(default_factory=dict)
+    query: Query = Field(default_factory=dict)
     body: Any = None
     media_type: str = "application/json"
 
@@ -182,8 +215,8 @@ class ExecutionCreate(Input):
     request: str | None = Field(default=None, min_length=1, max_length=200)
     action: str | None = None
     adhoc: AdhocRequest | None = None
-    path_params: dict[str, str | int | float] = Field(default_factory=dict)
-    variables: dict[str, Any] = Field(default_factory=dict)
+    path_params: dict[str, Value | int | float] = Field(default_factory=dict, max_length=MAX_PATH_PARAMS)
+    variables: dict[str, Any] = Field(default_factory=dict, max_length=MAX_VARIABLES)
     callback_url: str | None = None
     timeout_s: float | None = Field(default=None, gt=0, le=300)
     max_attempts: int | None = Field(default=None, ge=1, le=10)

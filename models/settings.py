@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     allow_http: bool = False
 
     response_cap_bytes: int = 32_768
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    """The largest request body the API reads; a larger one is ``413 payload_too_large``."""
     retention_days: int = 7
     default_rate_per_s: float = 10.0
     default_burst: int = 20

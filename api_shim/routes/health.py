@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from kombu import Connection as BrokerConnection
 
 from api_shim.problems import problem
+from models.views import Problem
 
 router = APIRouter(tags=["health"])
 
@@ -60,7 +61,10 @@ def _checks(request: Request) -> dict[str, str]:
     return found
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses={
+    503: {"model": Problem, "description": "Not ready (`not_ready`): `checks` names the state of the database, "
+                                           "Redis and the broker."},
+})
 async def readyz(request: Request) -> dict[str, Any] | JSONResponse:
     """Ready when the database, Redis and the broker answer; ``503`` otherwise."""
     found = await run_in_threadpool(_checks, request)

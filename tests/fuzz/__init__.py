@@ -1,0 +1,1 @@
+"""API fuzzing: schemathesis against the hub's own OpenAPI document."""
