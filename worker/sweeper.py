@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
-from models import errors, jobs
+from models import errors, jobs, metrics
 from models.base import utcnow
 from models.db import rowcount
 from models.idempotency import WINDOW
@@ -43,9 +43,18 @@ log = logging.getLogger("hub.sweeper")
 BATCH = 500
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A job the sweep failed: for the hub's metrics, and to wake its ``?wait`` requests."""
+
+    job_id: str
+    tenant_id: str
+    code: str
+
+
 @dataclass
 class SweepReport:
-    """What one sweep did."""
+    """What one sweep did: a count per action, and the jobs it failed."""
 
     redispatched: int = 0
     lost: int = 0
@@ -54,6 +63,11 @@ class SweepReport:
     callbacks: int = 0
     deleted_jobs: int = 0
     deleted_keys: int = 0
+    failed: list[Failed] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        """The actions taken, by name, with how many times."""
+        return {name: count for name, count in vars(self).items() if isinstance(count, int) and count}
 
 
 @dataclass
@@ -75,26 +89,39 @@ def sweep(engine: Engine, settings: Settings, senders: Senders, *, now: datetime
         _take_back_running(session, settings, senders, now, report)
         _resend_callbacks(session, settings, senders, now, report)
         _delete_expired(session, settings, now, report)
-    if any(vars(report).values()):
-        log.info("sweep: %s", ", ".join(f"{name} {count}" for name, count in vars(report).items() if count))
+    if report.counts():
+        log.info("sweep: %s", ", ".join(f"{name} {count}" for name, count in report.counts().items()))
     return report
+
+
+def record(report: SweepReport, batch: metrics.Batch) -> None:
+    """Add what the sweep did to the hub's metrics. A job it failed is counted and announced
+    as a worker does with a job it ends, so ``hub_jobs_finished_total`` counts every final job
+    and its ``?wait`` requests wake at once."""
+    for action, count in report.counts().items():
+        batch.inc("hub_sweeper_actions_total", count, action=action)
+    for failed in report.failed:
+        batch.announce(failed.job_id)
+        batch.inc("hub_jobs_finished_total", tenant=failed.tenant_id, status="failed", code=failed.code)
 
 
 def _resend_waiting(session: Session, settings: Settings, senders: Senders, now: datetime,
                     report: SweepReport) -> None:
     overdue = now - timedelta(seconds=settings.sweep_grace_s)
     rows = session.execute(
-        sa.select(col(Job.id), col(Job.status), col(Job.due_at), col(Job.dispatches), col(Job.callback_url))
+        sa.select(col(Job.id), col(Job.tenant_id), col(Job.status), col(Job.due_at), col(Job.dispatches),
+                  col(Job.callback_url))
         .where(col(Job.status).in_(jobs.WAITING), sa.or_(col(Job.due_at).is_(None), col(Job.due_at) < overdue))
         .order_by(col(Job.id))
         .limit(BATCH)
     ).all()
-    for job_id, status, due_at, dispatches, callback_url in rows:
+    for job_id, tenant_id, status, due_at, dispatches, callback_url in rows:
         unchanged = (col(Job.id) == job_id, col(Job.status) == status, col(Job.dispatches) == dispatches,
                      col(Job.due_at).is_(None) if due_at is None else col(Job.due_at) == due_at)
         if dispatches >= settings.max_dispatches:
             report.lost += _fail(session, unchanged, errors.JobLost(
-                f"the job's message was lost {dispatches + 1} times"), senders, job_id, callback_url, now)
+                f"the job's message was lost {dispatches + 1} times"), senders, (job_id, tenant_id), callback_url,
+                now, report)
             continue
         if not _send(senders.dispatch, job_id):
             return  # the broker is down: every other job waits for the next sweep too
@@ -109,23 +136,26 @@ def _resend_waiting(session: Session, settings: Settings, senders: Senders, now:
 def _take_back_running(session: Session, settings: Settings, senders: Senders, now: datetime,
                        report: SweepReport) -> None:
     rows = session.execute(
-        sa.select(col(Job.id), col(Job.attempts), col(Job.params), col(Job.lease_until), col(Job.callback_url))
+        sa.select(col(Job.id), col(Job.tenant_id), col(Job.attempts), col(Job.params), col(Job.lease_until),
+                  col(Job.callback_url))
         .where(col(Job.status) == JobStatus.RUNNING.value, col(Job.lease_until) < now)
         .order_by(col(Job.id))
         .limit(BATCH)
     ).all()
-    for job_id, attempts, params, lease_until, callback_url in rows:
+    for job_id, tenant_id, attempts, params, lease_until, callback_url in rows:
         unchanged = (col(Job.id) == job_id, col(Job.status) == JobStatus.RUNNING.value, col(Job.attempts) == attempts,
                      col(Job.lease_until) == lease_until)
         may_repeat = retries.repeatable(params.get("method"), idempotency_key=bool(params.get("idempotency_key")))
         if not may_repeat:
             report.abandoned += _fail(session, unchanged, errors.WorkerLost(
                 "the worker running the job was lost, and the request is not safe to send again "
-                "(POST and PATCH are only with an Idempotency-Key)"), senders, job_id, callback_url, now)
+                "(POST and PATCH are only with an Idempotency-Key)"), senders, (job_id, tenant_id), callback_url,
+                now, report)
             continue
         if attempts >= int(params.get("max_attempts") or settings.default_max_attempts):
             report.abandoned += _fail(session, unchanged, errors.RetriesExhausted(
-                f"{attempts} attempts; the last one's worker was lost"), senders, job_id, callback_url, now)
+                f"{attempts} attempts; the last one's worker was lost"), senders, (job_id, tenant_id), callback_url,
+                now, report)
             continue
         changed = rowcount(session.execute(sa.update(Job).where(*unchanged).values(
             status=JobStatus.RETRYING.value, lease_until=None, due_at=now,
@@ -154,8 +184,9 @@ def _resend_callbacks(session: Session, settings: Settings, senders: Senders, no
     report.callbacks += sum(_send(senders.notify, job_id) for job_id in ids)
 
 
-def _fail(session: Session, unchanged: tuple[sa.ColumnElement[bool], ...], exc: errors.HubError, senders: Senders, job_id: str,
-          callback_url: str | None, now: datetime) -> int:
+def _fail(session: Session, unchanged: tuple[sa.ColumnElement[bool], ...], exc: errors.HubError, senders: Senders,
+          job: tuple[str, str], callback_url: str | None, now: datetime, report: SweepReport) -> int:
+    job_id, tenant_id = job
     changed = rowcount(session.execute(sa.update(Job).where(*unchanged).values(
         status=JobStatus.FAILED.value, finished_at=now, lease_until=None, error=jobs.error_document(exc),
         callback_state="pending" if callback_url else None,
@@ -163,6 +194,7 @@ def _fail(session: Session, unchanged: tuple[sa.ColumnElement[bool], ...], exc: 
     session.commit()
     if changed:
         job_event(log, "failed", job_id, outcome=exc.code)
+        report.failed.append(Failed(job_id, tenant_id, exc.code))
     if changed and callback_url:
         _send(senders.notify, job_id)
     return int(changed)

@@ -95,7 +95,5 @@ def sweep() -> None:
     finally:
         current.tokens.redis.delete(SWEEP_LOCK_KEY)
     batch = metrics.Batch(current.metrics)
-    for action, count in vars(report).items():
-        if count:
-            batch.inc("hub_sweeper_actions_total", count, action=action)
+    sweeper.record(report, batch)
     batch.flush()

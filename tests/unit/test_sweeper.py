@@ -16,14 +16,14 @@ import pytest
 import sqlalchemy as sa
 from sqlmodel import Session
 
-from models import jobs
+from models import jobs, metrics
 from models.base import as_utc, utcnow
 from models.jobs import JobStatus
 from models.settings import Settings
 from models.tables import IdempotencyKey, Job
 from tests.api.helpers import assert_problem, make_connection, make_request, make_template
 from tests.conftest import Api, RecordingQueue, test_settings
-from worker.sweeper import Senders, SweepReport, sweep
+from worker.sweeper import Failed, Senders, SweepReport, record, sweep
 
 GRACE = timedelta(seconds=60)
 SECOND = timedelta(seconds=1)
@@ -207,6 +207,8 @@ def test_a_lost_job_with_a_callback_url_gets_its_callback(hub: Hub) -> None:
     shown = hub.shown(job["id"])
     assert (shown["status"], shown["error"]["code"], shown["callback_state"]) == ("failed", "job_lost", "pending")
     assert hub.notified.sent == [job["id"]]
+    # And: the report names it, for the metrics and the job's waiting requests
+    assert report.failed == [Failed(job["id"], hub.row(job["id"]).tenant_id, "job_lost")]
 
 
 # --- running jobs whose worker is gone -------------------------------------------------------------
@@ -250,6 +252,7 @@ def test_a_post_without_idempotency_key_past_its_lease_fails_worker_lost(hub: Hu
     report = hub.sweep(now)
     # Then: the job failed worker_lost and was not sent again
     assert (report.abandoned, report.reclaimed) == (1, 0)
+    assert report.failed == [Failed(job["id"], hub.row(job["id"]).tenant_id, "worker_lost")]
     shown = hub.shown(job["id"])
     assert (shown["status"], shown["error"]["code"]) == ("failed", "worker_lost")
     assert shown["finished_at"]
@@ -268,6 +271,7 @@ def test_a_job_past_its_lease_without_attempts_left_fails_retries_exhausted(hub:
     report = hub.sweep(now)
     # Then: failed retries_exhausted, not sent again, no callback (it has no URL)
     assert report.abandoned == 1
+    assert report.failed == [Failed(job["id"], hub.row(job["id"]).tenant_id, "retries_exhausted")]
     shown = hub.shown(job["id"])
     assert (shown["status"], shown["error"]["code"], shown["callback_state"]) == ("failed", "retries_exhausted", None)
     assert hub.api.queue.sent == [job["id"]]
@@ -438,3 +442,19 @@ def test_a_callback_whose_delivery_cannot_be_queued_is_queued_by_a_later_sweep(h
     assert hub.sweep(finished + GRACE + SECOND).callbacks == 1
     assert hub.notified.sent == [job["id"]]
 
+
+
+def test_the_sweep_counts_the_jobs_it_failed_as_finished_and_wakes_their_waiters() -> None:
+    """Every final job is in ``hub_jobs_finished_total``, whoever ended it."""
+    report = SweepReport(lost=1, abandoned=1, redispatched=2, failed=[
+        Failed("j1", "t1", "job_lost"), Failed("j2", "t2", "worker_lost")])
+    batch = metrics.Batch(None)
+    record(report, batch)
+    assert batch.finished == ["j1", "j2"]
+    assert batch.counts == {
+        "hub_sweeper_actions_total|action=redispatched": 2,
+        "hub_sweeper_actions_total|action=lost": 1,
+        "hub_sweeper_actions_total|action=abandoned": 1,
+        "hub_jobs_finished_total|code=job_lost,status=failed,tenant=t1": 1,
+        "hub_jobs_finished_total|code=worker_lost,status=failed,tenant=t2": 1,
+    }
