@@ -16,6 +16,7 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -114,6 +115,18 @@ class DeliveryStack:
     def stop(self, name: str) -> None:
         """Stop the process ``name`` gracefully (SIGTERM, then SIGKILL after a grace period)."""
         processes.stop(self.started.pop(name))
+
+    def terminate(self, name: str, timeout: float = 30.0) -> float:
+        """Send SIGTERM to the process ``name``, as an orchestrator stops it, and wait for it to
+        exit (up to ``timeout``, then stop it harder); the seconds it took."""
+        process = self.started.pop(name)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+            return time.monotonic() - signalled
+        finally:
+            processes.stop(process)
 
     def kill(self, name: str) -> None:
         """SIGKILL the whole process group of ``name`` (its main process and pool children), as

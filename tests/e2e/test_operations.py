@@ -441,14 +441,7 @@ def test_a_worker_still_busy_after_the_grace_stops_cold_and_the_job_runs_again(r
             _running(stack, hub, job_id, "/slow/6")
 
             # When the worker gets SIGTERM
-            worker = stack.started["worker-1"]
-            signalled = time.monotonic()
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-                took = time.monotonic() - signalled
-            finally:
-                processes.stop(stack.started.pop("worker-1"))
+            took = stack.terminate("worker-1")
 
             # Then it stops cold once the grace is over, long before the job could have finished,
             # and the job is left running (its message unacknowledged, its lease on)

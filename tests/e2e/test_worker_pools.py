@@ -9,10 +9,8 @@ a queue of its own) and is skipped when gevent is not installed.
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -101,20 +99,13 @@ def test_a_gevent_worker_still_busy_after_the_grace_stops_cold(redis_url: str, t
         # Given a gevent worker with 1 s of grace, and a job of 8 s running on it
         log = tmp_path / "gevent.log"
         start_gevent_worker(stack, log)
-        worker = stack.started["gevent"]
         with stack.client() as hub:
             connection(hub, stack.upstream, "slow", {"slow": ("GET", "/slow/8")})
             job_id = submit(hub, connection="slow", request="slow")
             processes.wait_until(lambda: stack.upstream_stats().get("/slow/8", 0) == 1, "the job's call", timeout=30)
 
             # When the worker gets SIGTERM, as an orchestrator stops it
-            signalled = time.monotonic()
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-                took = time.monotonic() - signalled
-            finally:
-                processes.stop(stack.started.pop("gevent"))
+            took = stack.terminate("gevent")
 
             # Then it stops cold once the grace is over, long before the job could have finished,
             # and the job is left running for the sweeper to take back after its lease
