@@ -20,6 +20,8 @@ from models.settings import Settings
 from tests.api.helpers import assert_problem, make_connection, make_request
 from tests.conftest import Api
 
+pytestmark = pytest.mark.reliability
+
 MAX_BODY = Settings.model_fields["max_body_bytes"].default
 EXECUTIONS = "/v1/executions"
 REQUESTS = "/v1/connections/c/requests"

@@ -29,7 +29,7 @@ from models.callbacks import verify
 from tests import processes
 from tests.e2e.delivery_stack import DeliveryStack, connection, fresh_database, running_stack, submit, wait_final
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 
 @pytest.fixture(scope="module")

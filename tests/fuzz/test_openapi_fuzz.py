@@ -26,8 +26,9 @@ Each tenant owns canary objects that only the other tenant and anonymous callers
 template, an OAuth 2.0 connection with a secret, a stored request and a queued job. Their owner
 reads them through the API before and after the run: they must be unchanged.
 
-``HUB_FUZZ_EXAMPLES`` sets the number of examples per operation (20 by default, for CI); the run
-is derandomized, so the same code sends the same requests. A longer run, by hand::
+``HUB_FUZZ_EXAMPLES`` sets the number of examples per operation: 20 by default, for CI, and 500
+with ``HUB_RELIABILITY=full`` (the full run of ``pytest -m reliability``, docs/RELIABILITY.md).
+The run is derandomized, so the same code sends the same requests. A longer run, by hand::
 
     HUB_FUZZ_EXAMPLES=500 pytest tests/fuzz -q
 
@@ -58,7 +59,9 @@ from api_shim.app import create_app, openapi_document
 from models import errors
 from tests.conftest import RecordingQueue, new_tenant, test_settings
 
-EXAMPLES = int(os.environ.get("HUB_FUZZ_EXAMPLES", "20"))
+pytestmark = pytest.mark.reliability
+
+EXAMPLES = int(os.environ.get("HUB_FUZZ_EXAMPLES", "500" if os.environ.get("HUB_RELIABILITY") == "full" else "20"))
 BASE_URL = f"http://{asgi.HOST}"
 
 CHECKS = [

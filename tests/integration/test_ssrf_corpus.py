@@ -44,6 +44,8 @@ from worker import guard, tls
 from worker.callbacks import deliver
 from worker.executor import run_job
 
+pytestmark = pytest.mark.reliability
+
 PUBLIC = "93.184.215.14"
 """A public address, as data: the fake resolver's answer for the web service's name; the
 fence maps it to the loopback web service and never connects to it."""
