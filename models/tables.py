@@ -175,6 +175,9 @@ class Job(SQLModel, table=True):
     callback_state: str | None = Field(default=None, max_length=20)
     """``pending``, ``delivered`` or ``failed`` once the job is final and has a ``callback_url``."""
     callback_attempts: int = 0
+    callback_due_at: datetime | None = _time(nullable=True)
+    """When the pending callback's next try is due (or was last sent again by the sweeper);
+    None: its first try, due when the job finished."""
 
 
 class IdempotencyKey(SQLModel, table=True):

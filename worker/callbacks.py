@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlmodel import Session
 
 from models import callbacks, errors, metrics
+from models.base import utcnow
 from models.logs import job_event
 from models.tables import Job
 from models.views import JobPublic, job_public
@@ -62,17 +64,19 @@ def deliver(job_id: str, runtime: Runtime) -> float | None:
         except errors.HubError as exc:
             outcome, delivered = exc.code, False
         state = "delivered" if delivered else ("failed" if attempt >= runtime.settings.callback_attempts else "pending")
+        wait = None if state != "pending" else retries.backoff(
+            attempt, base_s=runtime.settings.callback_backoff_s, cap_s=CALLBACK_BACKOFF_CAP_S,
+            rand=lambda: 0.5 + random.random() / 2)  # at least half: a receiver gets time
         session.execute(
             sa.update(Job)
             .where(Job.id == job_id, Job.callback_state == "pending")  # type: ignore[arg-type]
-            .values(callback_state=state, callback_attempts=attempt)
+            .values(callback_state=state, callback_attempts=attempt,
+                    # the sweeper sends the next try again if its message is lost
+                    callback_due_at=None if wait is None else utcnow() + timedelta(seconds=wait))
         )
         session.commit()
     job_event(log, f"callback {state}", job_id, attempt=attempt, outcome=outcome)
     batch = metrics.Batch(runtime.metrics)
     batch.inc("hub_callbacks_total", outcome=state)
     batch.flush()
-    if state != "pending":
-        return None
-    return retries.backoff(attempt, base_s=runtime.settings.callback_backoff_s, cap_s=CALLBACK_BACKOFF_CAP_S,
-                           rand=lambda: 0.5 + random.random() / 2)  # at least half: a receiver gets time
+    return wait

@@ -9,7 +9,8 @@ Celery beat runs :func:`sweep` every ``HUB_SWEEP_INTERVAL_S``. Each run:
 2. takes back every ``running`` job past its lease (its worker died): it is sent again if the
    retry policy lets its request be repeated and it has attempts left, else it fails
    (``worker_lost``, or ``retries_exhausted``);
-3. sends again the callbacks of finished jobs never tried a grace period after the end;
+3. sends again every pending callback whose try was due more than a grace period ago (its
+   message was lost: the broker was down when the job finished, or Redis lost a retry);
 4. deletes finished jobs older than the retention period, and idempotency keys past 24 hours.
 
 A second message for a job is harmless: the claim lets exactly one delivery run it. Every
@@ -174,14 +175,24 @@ def _take_back_running(session: Session, settings: Settings, senders: Senders, n
 
 def _resend_callbacks(session: Session, settings: Settings, senders: Senders, now: datetime,
                       report: SweepReport) -> None:
-    """Callbacks never tried although their job finished a grace period ago: their message
-    was lost (the broker was down when the job finished)."""
+    """Pending callbacks whose try was due a grace period ago: their message was lost (the
+    broker was down when the job finished, or Redis lost a retry's message). Each is sent once
+    per grace period: its due time moves to now."""
     overdue = now - timedelta(seconds=settings.sweep_grace_s)
-    ids = session.execute(
-        sa.select(col(Job.id)).where(col(Job.callback_state) == "pending", col(Job.callback_attempts) == 0,
-                                col(Job.finished_at) < overdue).limit(BATCH)
-    ).scalars().all()
-    report.callbacks += sum(_send(senders.notify, job_id) for job_id in ids)
+    due = sa.func.coalesce(col(Job.callback_due_at), col(Job.finished_at))
+    rows = session.execute(
+        sa.select(col(Job.id), col(Job.callback_attempts))
+        .where(col(Job.callback_state) == "pending", due < overdue)
+        .order_by(col(Job.id))
+        .limit(BATCH)
+    ).all()
+    for job_id, attempts in rows:
+        if not _send(senders.notify, job_id):
+            return  # the broker is down: the others wait for the next sweep too
+        session.execute(sa.update(Job).where(col(Job.id) == job_id, col(Job.callback_state) == "pending",
+                                             col(Job.callback_attempts) == attempts).values(callback_due_at=now))
+        session.commit()
+        report.callbacks += 1
 
 
 def _fail(session: Session, unchanged: tuple[sa.ColumnElement[bool], ...], exc: errors.HubError, senders: Senders,

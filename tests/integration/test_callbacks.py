@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -24,6 +25,7 @@ from sqlmodel import Session
 
 from api_shim.app import create_app
 from models import callbacks
+from models.base import as_utc, utcnow
 from models.secrets import rotate
 from models.tables import Job, Tenant
 from models.vault import Vault, generate_key
@@ -220,10 +222,17 @@ def test_after_one_failure_the_state_stays_pending(hub: Hub, receiver: Receiver)
     job_id = hub.submit(receiver.url)
     hub.run(job_id)
     # When: the first attempt fails
+    before = utcnow()
     delay = hub.deliver(job_id)
     # Then: the callback is still pending, with a delay before the next attempt
     assert delay is not None and delay > 0
     assert hub.shown(job_id)["callback_state"] == "pending"
+    # and the next try's due time is recorded, for the sweeper to send it if its message is lost
+    with Session(hub.api.engine) as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.callback_due_at is not None
+        due = as_utc(job.callback_due_at)
+    assert before + timedelta(seconds=delay) <= due <= utcnow() + timedelta(seconds=delay)
     # When: the next attempt is answered 200
     receiver.status = 200
     # Then: it is delivered

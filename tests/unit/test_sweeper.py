@@ -307,17 +307,38 @@ def test_a_callback_never_tried_is_queued_again_after_the_grace(hub: Hub) -> Non
         hub.claim(each["id"], utcnow())
         with Session(hub.api.engine) as session:
             jobs.finish(session, each["id"], status=JobStatus.SUCCEEDED, result=None, callback=True)
-    hub.change(tried["id"], callback_attempts=1)  # this one's delivery was tried once already
     finished = as_utc(hub.row(job["id"]).finished_at)
     assert finished is not None
-    # When: the sweeper runs within the grace, then after it
+    # and one tried once already, whose next try is due two grace periods after the end
+    hub.change(tried["id"], callback_attempts=1, callback_due_at=finished + 2 * GRACE)
+    # When: the sweeper runs within the grace, then after it, then right after that
     within = hub.sweep(finished + GRACE - SECOND)
     after = hub.sweep(finished + GRACE + SECOND)
-    # Then: within the grace nothing; after it the never-tried callback alone is queued again
-    assert within.callbacks == 0
-    assert after.callbacks == 1
+    again = hub.sweep(finished + GRACE + 2 * SECOND)
+    # Then: within the grace nothing; after it the never-tried callback alone is queued again,
+    # and once only in a grace period
+    assert (within.callbacks, after.callbacks, again.callbacks) == (0, 1, 0)
     assert hub.notified.sent == [job["id"]]
     assert hub.shown(job["id"])["callback_state"] == "pending"
+
+
+def test_a_callback_retry_whose_message_was_lost_is_queued_again(hub: Hub) -> None:
+    """A failed try's retry message is gone (Redis restarted without persistence): the sweeper
+    sends it once its due time is a grace period past, and again each grace period after."""
+    # Given: a finished job whose callback was tried once, its next try due in 10 s
+    job = hub.submit(request="list", callback_url=CALLBACK)
+    hub.claim(job["id"], utcnow())
+    with Session(hub.api.engine) as session:
+        jobs.finish(session, job["id"], status=JobStatus.SUCCEEDED, result=None, callback=True)
+    due = utcnow() + 10 * SECOND
+    hub.change(job["id"], callback_attempts=1, callback_due_at=due)
+    # When: the sweeper runs before the grace after that time, after it, and twice more
+    reports = [hub.sweep(at) for at in (due + GRACE - SECOND, due + GRACE + SECOND, due + GRACE + 2 * SECOND,
+                                        due + 2 * GRACE + 2 * SECOND)]
+    # Then: it is queued again after the grace, not on every sweep, and again a grace period later
+    assert [report.callbacks for report in reports] == [0, 1, 0, 1]
+    assert hub.notified.sent == [job["id"], job["id"]]
+    assert (hub.shown(job["id"])["callback_state"], hub.row(job["id"]).callback_attempts) == ("pending", 1)
 
 
 # --- retention --------------------------------------------------------------------------------------
