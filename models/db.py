@@ -27,6 +27,11 @@ except ImportError:  # not POSIX: turns among threads only
 
 _engines: dict[tuple[int, str], Engine] = {}
 
+UNAVAILABLE = (sa.exc.OperationalError, sa.exc.InterfaceError)
+"""What SQLAlchemy raises when the database cannot be reached or a connection to it broke (a
+restart, a failover): the same work may succeed later. Their text can quote the statement and
+its parameters, so the hub logs their type only."""
+
 
 def make_engine(url: str) -> Engine:
     """A new engine for ``url``, configured for the hub's use of that database."""

@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 
 from models import errors, jobs, metrics, rules, secrets
 from models.base import as_utc, rfc3339, utcnow
+from models.db import UNAVAILABLE
 from models.jobs import JobStatus
 from models.logs import job_event
 from models.settings import Settings
@@ -175,6 +176,11 @@ def run_job(job_id: str, runtime: Runtime) -> None:
     try:
         with Session(runtime.engine, expire_on_commit=False) as session:
             _run(session, job_id, runtime, batch)
+    except UNAVAILABLE as exc:
+        # The job is as the database last had it: waiting, and the sweeper sends it again, or
+        # running, and the sweeper takes it back once its lease is past.
+        job_event(log, "stopped: the database is unavailable; the sweeper will take it up", job_id,
+                  level=logging.WARNING, code=type(exc).__name__)
     finally:
         batch.flush()
 
@@ -209,6 +215,8 @@ def _run(session: Session, job_id: str, runtime: Runtime, batch: metrics.Batch) 
     except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
         _settle(session, job, runtime, attempt, batch, error=exc)
         return
+    except UNAVAILABLE:
+        raise  # the database's fault, not the job's: it runs again once its lease is past
     except Exception as exc:
         # The type only: an exception's text may quote a URL, a header or a secret.
         job_event(log, "failed unexpectedly", job_id, level=logging.ERROR, code=type(exc).__name__, **fields)

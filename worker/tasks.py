@@ -9,7 +9,7 @@ import uuid
 import redis
 
 from models import errors, metrics
-from models.db import get_engine
+from models.db import UNAVAILABLE, get_engine
 from models.logs import job_event
 from models.settings import get_settings
 from models.tables import Job
@@ -74,7 +74,12 @@ def execute(job_id: str) -> None:
 def callback(job_id: str) -> None:
     """Deliver the finished job ``job_id`` to its ``callback_url``; on failure, send itself again
     after a backoff (a new message, so no worker slot waits)."""
-    wait = callbacks.deliver(job_id, runtime())
+    try:
+        wait = callbacks.deliver(job_id, runtime())
+    except UNAVAILABLE as exc:  # still pending: the sweeper sends it again once it is overdue
+        job_event(log, "callback stopped: the database is unavailable; the sweeper will send it again", job_id,
+                  level=logging.WARNING, code=type(exc).__name__)
+        return
     if wait is not None:
         _later(CALLBACK_TASK, job_id, wait)
 
@@ -92,6 +97,9 @@ def sweep() -> None:
             dispatch=lambda job_id: send(app, EXECUTE_TASK, job_id),
             notify=lambda job_id: send(app, CALLBACK_TASK, job_id),
         ))
+    except UNAVAILABLE as exc:  # what this sweep did not do, the next one does
+        log.warning("sweep: the database is unavailable (%s); the next sweep tries again", type(exc).__name__)
+        return
     finally:
         current.tokens.redis.delete(SWEEP_LOCK_KEY)
     batch = metrics.Batch(current.metrics)

@@ -4,6 +4,7 @@ resolver and ``httpx.MockTransport``. No DNS lookup and no socket is used."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 
-from models import errors, secrets
+from models import errors, jobs, secrets
 from models.base import as_utc
 from models.tables import Connection, Job, Request
 from models.vault import Vault
@@ -480,3 +482,42 @@ def test_the_submissions_idempotency_key_is_forwarded(world: World) -> None:
     # Then the service received the same key, so it can drop a repeat too
     assert job.status == "succeeded", job.error
     assert world.upstream.requests[0].headers["idempotency-key"] == "order-42"
+
+
+def _database_down(*_: object, **__: object) -> None:
+    """A database that went away mid-job: the driver's text quotes the statement and a value."""
+    raise OperationalError("UPDATE job SET result=%(result)s", {"result": "body-7f3a"},
+                           Exception("server closed the connection unexpectedly"))
+
+
+def test_an_answer_the_database_cannot_take_leaves_the_job_to_its_lease(
+        world: World, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Given a database that goes down while the job's call is out
+    monkeypatch.setattr(jobs, "finish", _database_down)
+    job_id = world.job(params=PARAMS)
+    # When the job runs, the service answers, and its outcome cannot be recorded
+    with caplog.at_level(logging.INFO, logger="hub.worker"):
+        job = world.run(job_id)
+    # Then the task ends without raising: the job stays running under its lease, for the
+    # sweeper to take back once it is past
+    assert len(world.upstream.requests) == 1
+    assert (job.status, job.attempts, job.error) == ("running", 1, None)
+    assert job.lease_until is not None
+    # and the worker logged one warning with the error's type, not its text
+    (warning,) = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert warning.getMessage() == (f"job {job_id} stopped: the database is unavailable; the sweeper will take it up "
+                                    "code=OperationalError")
+    assert warning.exc_info is None
+    assert "body-7f3a" not in caplog.text and "server closed" not in caplog.text
+
+
+def test_a_database_error_during_the_job_is_not_the_jobs_failure(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a database connection that breaks as the job reads its secrets, before the call
+    monkeypatch.setattr(secrets, "open_secrets", _database_down)
+    job_id = world.job(params=PARAMS)
+    # When the job runs
+    job = world.run(job_id)
+    # Then it is not failed internal_error: it stays running under its lease, to run again
+    assert world.upstream.requests == []
+    assert (job.status, job.attempts, job.error) == ("running", 1, None)
