@@ -87,6 +87,15 @@ _CLAIM = (
 )
 
 
+def renew(session: Session, job_id: str, attempt: int, *, lease_s: float, now: datetime | None = None) -> bool:
+    """Extend the lease of the running attempt ``attempt`` to ``lease_s`` from now; False if
+    that attempt no longer holds the job (it ended, or the sweeper took it back)."""
+    until = (now or utcnow()) + timedelta(seconds=lease_s)
+    return _update(session, sa.update(_JOB)
+                   .where(_JOB.c.id == job_id, _JOB.c.status == JobStatus.RUNNING.value, _JOB.c.attempts == attempt)
+                   .values(lease_until=until))
+
+
 def defer(session: Session, job_id: str, *, due_at: datetime, slot_at: datetime | None) -> bool:
     """Note that a waiting job's message was sent again for ``due_at`` (over its tenant's rate,
     or its connection cooling down), with the slot it reserved, if any."""

@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     rate_max_wait_s: float = 900.0
     """A job that waited this long for its tenant's rate or its connection's cooldown fails ``rate_limited``."""
     job_lease_s: float = 300.0
-    """A ``running`` job whose worker has not finished it after this long is taken as lost."""
+    """A ``running`` job whose worker has not renewed its lease for this long (plus the job's
+    deadline) is taken as lost; a worker renews the leases of its running jobs every third of it."""
     sweep_interval_s: float = 10.0
     """How often the sweeper (Celery beat) looks for lost jobs and expired results."""
     sweep_grace_s: float = 60.0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -32,6 +32,7 @@ from models.settings import Settings
 from models.tables import Connection, Job, Request, Tenant
 from models.vault import Vault
 from worker import credentials, guard, oauth, ratelimit, render, retries, tls, upstream
+from worker.leases import Lease, LeaseLost, Leases
 from worker.tokens import Cached, TokenCache
 
 log = logging.getLogger("hub.worker")
@@ -56,6 +57,8 @@ class Runtime:
     """Queues the delivery of a finished job to its ``callback_url``."""
     metrics: redis.Redis | None = None
     """Where the hub's metrics are added up (:mod:`models.metrics`); None: not recorded."""
+    leases: Leases | None = None
+    """Keeps the running attempts' leases alive (:mod:`worker.leases`); None: not renewed."""
     _rates: dict[str, tuple[float, ratelimit.Rate]] = field(default_factory=dict)
 
     def rate(self, session: Session, tenant_id: str) -> ratelimit.Rate:
@@ -160,9 +163,21 @@ class Attempt:
     method: str | None = None
     tokens: list[str] = field(default_factory=list)
     """How each OAuth token the attempt needed was had: ``hit``, ``miss`` or ``refresh``."""
+    lease: Lease | None = None
+    """Its lease, kept alive by the process's :class:`~worker.leases.Leases`; None: not kept."""
 
     def secrets_used(self) -> list[str]:
         return sorted(set(self.used))
+
+    def may_call(self) -> None:
+        """Refuse to call out once the attempt no longer holds the job."""
+        if self.lease is not None and self.lease.lost:
+            raise LeaseLost()
+
+    def record(self, session: Session, write: Callable[[], bool]) -> bool:
+        """Record the attempt's outcome with ``write``: through a database restart, while the
+        lease lasts (:meth:`~worker.leases.Lease.durably`)."""
+        return self.lease.durably(session, write) if self.lease is not None else write()
 
 
 def run_job(job_id: str, runtime: Runtime) -> None:
@@ -199,17 +214,25 @@ def _run(session: Session, job_id: str, runtime: Runtime, batch: metrics.Batch) 
         job_event(log, "not started: Redis is unavailable", job_id, level=logging.WARNING, code=type(exc).__name__)
         return
     deadline_s = float(job.params.get("timeout_s") or runtime.settings.request_deadline_s)
-    number = jobs.claim(session, job_id, lease_s=runtime.settings.job_lease_s + deadline_s, now=now)
+    lease_s = runtime.settings.job_lease_s + deadline_s
+    number = jobs.claim(session, job_id, lease_s=lease_s, now=now)
     if number is None:
         job_event(log, "not waiting; delivery ignored", job_id)  # another delivery claimed it
         return
-    attempt = Attempt(number, started=time.monotonic())
     fields: dict[str, Any] = {"tenant": job.tenant_id, "connection": job.connection_id, "attempt": number}
     if number == 1:
         waited = (now - (as_utc(job.created_at) or now)).total_seconds()
         batch.observe("hub_job_queue_wait_seconds", waited, tenant=job.tenant_id)
         fields["queue_wait_ms"] = round(waited * 1000, 1)
     job_event(log, "running", job_id, **fields)
+    with runtime.leases.held(job_id, number, lease_s) if runtime.leases else nullcontext() as lease:
+        attempt = Attempt(number, started=time.monotonic(), lease=lease)
+        _attempt(session, job, connection, stored, runtime, attempt, batch, deadline_s, fields)
+
+
+def _attempt(session: Session, job: Job, connection: Connection | None, stored: Request | None, runtime: Runtime,
+             attempt: Attempt, batch: metrics.Batch, deadline_s: float, fields: dict[str, Any]) -> None:
+    """Run the claimed attempt and record how it ended."""
     try:
         answer = _execute(session, job, connection, stored, runtime, attempt, deadline_s)
     except (errors.JobError, errors.InvalidInput, errors.Unavailable) as exc:
@@ -217,9 +240,12 @@ def _run(session: Session, job_id: str, runtime: Runtime, batch: metrics.Batch) 
         return
     except UNAVAILABLE:
         raise  # the database's fault, not the job's: it runs again once its lease is past
+    except LeaseLost:
+        job_event(log, "stopped before its call: its lease was lost", job.id, level=logging.WARNING, **fields)
+        return
     except Exception as exc:
         # The type only: an exception's text may quote a URL, a header or a secret.
-        job_event(log, "failed unexpectedly", job_id, level=logging.ERROR, code=type(exc).__name__, **fields)
+        job_event(log, "failed unexpectedly", job.id, level=logging.ERROR, code=type(exc).__name__, **fields)
         session.rollback()
         _settle(session, job, runtime, attempt, batch, error=errors.HubError())
         return
@@ -296,7 +322,8 @@ def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, batc
         wait = retries.delay(attempt.number, asked_s=asked, base_s=settings.retry_base_s, cap_s=settings.retry_cap_s,
                              retry_after_cap_s=settings.retry_after_cap_s)
         due = utcnow() + timedelta(seconds=wait)
-        if jobs.retry_later(session, job.id, attempt.number, due_at=due, error=last, result=result, secrets_used=used):
+        if attempt.record(session, lambda: jobs.retry_later(session, job.id, attempt.number, due_at=due, error=last,
+                                                            result=result, secrets_used=used)):
             batch.inc("hub_job_retries_total", tenant=job.tenant_id, code=last["code"])
             batch.observe("hub_job_execution_seconds", elapsed, tenant=job.tenant_id, outcome="retrying")
             job_event(log, "retrying", job.id, outcome=last["code"], delay_s=round(wait, 3), **fields)
@@ -304,16 +331,19 @@ def _settle(session: Session, job: Job, runtime: Runtime, attempt: Attempt, batc
         return
     if again:
         exhausted = errors.RetriesExhausted(f"{attempt.number} attempts failed; the last: {last['message']}")
-        recorded = jobs.fail(session, job.id, exhausted, attempt=attempt.number, result=result, secrets_used=used,
-                             callback=callback, last=last)
+        recorded = attempt.record(session, lambda: jobs.fail(session, job.id, exhausted, attempt=attempt.number,
+                                                             result=result, secrets_used=used, callback=callback,
+                                                             last=last))
         status, code = JobStatus.FAILED, exhausted.code
     elif error is not None:
-        recorded = jobs.fail(session, job.id, error, attempt=attempt.number, secrets_used=used, callback=callback)
+        recorded = attempt.record(session, lambda: jobs.fail(session, job.id, error, attempt=attempt.number,
+                                                             secrets_used=used, callback=callback))
         status, code = JobStatus.FAILED, error.code
     else:
         assert answer is not None
-        recorded = jobs.finish(session, job.id, status=JobStatus.SUCCEEDED, attempt=attempt.number, result=result,
-                               secrets_used=used, callback=callback)
+        recorded = attempt.record(session, lambda: jobs.finish(session, job.id, status=JobStatus.SUCCEEDED,
+                                                               attempt=attempt.number, result=result,
+                                                               secrets_used=used, callback=callback))
         status, code = JobStatus.SUCCEEDED, ""
     if not recorded:
         job_event(log, "outcome dropped: the attempt outlived its lease", job.id, **fields)
@@ -365,12 +395,14 @@ def _execute(session: Session, job: Job, connection: Connection | None, stored: 
         token = runtime.token(session, connection, client, used) if credentials.token_required(connection) else None
         if token is not None:
             attempt.tokens.append("hit" if token.cached else "miss")
+        attempt.may_call()
         captured = _call(session, job, connection, request, runtime, client, used, token, deadline_s)
         if captured.status_code == 401 and token is not None and token.cached:
             # The service refused a token another job had cached: drop it, get a fresh one, once.
             runtime.tokens.drop(credentials.slot(connection), token)
             token = runtime.token(session, connection, client, used)
             attempt.tokens.append("refresh")
+            attempt.may_call()
             captured = _call(session, job, connection, request, runtime, client, used, token, deadline_s)
     return Answer(upstream.result_document(captured), captured.status_code, captured.headers.get("retry-after"))
 

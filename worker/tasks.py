@@ -19,6 +19,7 @@ from worker.celery_app import app
 from worker.dispatch import send
 from worker.executor import Runtime, run_job
 from worker.keys import CALLBACK_TASK, EXECUTE_TASK, SWEEP_LOCK_KEY, SWEEP_TASK
+from worker.leases import Leases
 from worker.tokens import TokenCache
 
 # httpx logs every request's URL at INFO, and a URL may carry a secret or a token.
@@ -50,9 +51,10 @@ def runtime() -> Runtime:
         settings = get_settings()
         vault = Vault.from_setting(settings.master_keys_value())
         client = redis.Redis.from_url(settings.effective_redis_url())
+        engine = get_engine(settings.effective_database_url())
         current = _runtimes[os.getpid()] = Runtime(
             settings=settings,
-            engine=get_engine(settings.effective_database_url()),
+            engine=engine,
             client=upstream.build_client(settings, transport=guard.PinnedTransport(tls.context(settings))),
             vault=vault,
             tokens=TokenCache(client, vault, settings),
@@ -60,6 +62,7 @@ def runtime() -> Runtime:
             dispatch=lambda job_id, delay_s: _later(EXECUTE_TASK, job_id, delay_s),
             notify=_notify,
             metrics=client,
+            leases=Leases(engine, every_s=settings.job_lease_s / 3),
         )
     return current
 
