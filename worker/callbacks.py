@@ -21,7 +21,7 @@ from models.logs import job_event
 from models.tables import Job
 from models.views import JobPublic, job_public
 from worker import guard, render, retries, upstream
-from worker.executor import Runtime
+from worker.runtime import Runtime
 
 log = logging.getLogger("hub.worker")
 

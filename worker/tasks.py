@@ -17,9 +17,10 @@ from models.vault import Vault
 from worker import callbacks, guard, ratelimit, sweeper, tls, upstream
 from worker.celery_app import app
 from worker.dispatch import send
-from worker.executor import Runtime, run_job
+from worker.executor import run_job
 from worker.keys import CALLBACK_TASK, EXECUTE_TASK, SWEEP_LOCK_KEY, SWEEP_TASK
 from worker.leases import Leases
+from worker.runtime import Runtime
 from worker.tokens import TokenCache
 
 # httpx logs every request's URL at INFO, and a URL may carry a secret or a token.
