@@ -327,6 +327,13 @@ class ConnectionRefused(UpstreamError):
     code = "connection_refused"
 
 
+class ConnectionReset(UpstreamError):
+    """The web service (or something on the way) broke the connection while the request or
+    its answer was under way. Not retried: the service may have acted on the request."""
+
+    code = "connection_reset"
+
+
 class TlsError(UpstreamError):
     """The TLS handshake with the web service failed."""
 

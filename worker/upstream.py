@@ -278,6 +278,8 @@ def translate(exc: httpx.HTTPError) -> errors.UpstreamError:
         return errors.ConnectionRefused()
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.LocalProtocolError, httpx.DecodingError)):
         return errors.ProtocolError()
+    if isinstance(exc, (httpx.ReadError, httpx.WriteError)):
+        return errors.ConnectionReset()
     return errors.UpstreamError()
 
 

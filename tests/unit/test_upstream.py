@@ -318,6 +318,8 @@ SECRET_URL = f"https://api.example.com/v1/things?api_key={SECRET_QUERY_VALUE}"
         (httpx.PoolTimeout, errors.PoolTimeout, "pool_timeout"),
         (httpx.ConnectError, errors.ConnectionRefused, "connection_refused"),
         (httpx.RemoteProtocolError, errors.ProtocolError, "protocol_error"),
+        (httpx.ReadError, errors.ConnectionReset, "connection_reset"),
+        (httpx.WriteError, errors.ConnectionReset, "connection_reset"),
     ],
 )
 def test_transport_errors_become_hub_errors_without_the_url(
