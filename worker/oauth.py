@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_plus
@@ -57,6 +57,8 @@ class TokenRequest:
     url: str
     headers: dict[str, str]
     body: str
+    secrets: tuple[str, ...] = ()
+    """The secret values the request carries, kept out of any error the server's words make."""
 
     def __repr__(self) -> str:
         return f"TokenRequest(url={self.url!r})"
@@ -92,7 +94,7 @@ def build(oauth2: Mapping[str, Any], *, secrets: Mapping[str, str], auth_headers
         **{name: values.fill(value) for name, value in auth_headers.items()},
     }
     url, headers, body = client.prepare("POST", oauth2["token_url"], headers, body)
-    return TokenRequest(url=url, headers=headers, body=body)
+    return TokenRequest(url=url, headers=headers, body=body, secrets=tuple(secrets.values()))
 
 
 def _client_secret_basic(
@@ -128,9 +130,10 @@ def send(client: httpx.Client, request: TokenRequest, *, deadline_s: float | Non
         raise TokenEndpointUnavailable(f"token endpoint answered HTTP {response.status_code}")
     document = _json(response)
     if response.status_code >= 400 or "error" in document:
-        error = str(document.get("error") or f"HTTP {response.status_code}")[:100]
+        # A server's words may quote what it was sent: its refresh token, even the client secret.
+        error = redacted(str(document.get("error") or f"HTTP {response.status_code}"), request.secrets)[:100]
         description = document.get("error_description")
-        message = f"{error}: {str(description)[:300]}" if description else error
+        message = f"{error}: {redacted(str(description), request.secrets)[:300]}" if description else error
         raise errors.TokenRequestFailed(f"the token endpoint refused the request ({message})")
     access_token = document.get("access_token")
     if not isinstance(access_token, str) or not access_token:
@@ -149,6 +152,14 @@ def send(client: httpx.Client, request: TokenRequest, *, deadline_s: float | Non
         scope=str(document["scope"]) if document.get("scope") else None,
         refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
     )
+
+
+def redacted(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` in it, as is or form-encoded, replaced by ``[secret]``."""
+    forms = {form for secret in secrets if secret for form in (secret, quote_plus(secret))}
+    for form in sorted(forms, key=len, reverse=True):  # the longest first: one secret may hold another
+        text = text.replace(form, "[secret]")
+    return text
 
 
 def _json(response: upstream.Captured) -> dict[str, Any]:

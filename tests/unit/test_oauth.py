@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote_plus
+from urllib.parse import parse_qs, quote_plus, unquote_plus
 
 import httpx
 import pytest
@@ -519,6 +519,23 @@ def test_no_failure_message_holds_a_credential(
     encoded_basic = request.headers.get("Authorization", "Basic -").split(" ", 1)[1]
     for value in (*CREDENTIALS, encoded_basic):
         assert value not in shown
+
+
+def test_a_refusal_that_quotes_a_credential_shows_the_servers_words_without_it(
+    endpoint: TokenEndpoint, client: httpx.Client
+) -> None:
+    # Given a token endpoint whose refusal quotes what it was sent: credentials as is, and one form-encoded
+    special = "p w+/=SECRET"
+    request = oauth.build(settings_for("password", "client_secret_post", refresh_token="{{secrets.refresh_token}}"),
+                          secrets={**opened(), "password": special}, auth_headers={})
+    endpoint.respond = answer(400, {"error": f"invalid_grant {REFRESH_TOKEN}",
+                                    "error_description": f"client {CLIENT_SECRET}, password={quote_plus(special)}"})
+    # When the token request is sent
+    with pytest.raises(errors.TokenRequestFailed) as caught:
+        oauth.send(client, request)
+    # Then the message keeps the server's words, each credential replaced
+    assert caught.value.message == \
+        "the token endpoint refused the request (invalid_grant [secret]: client [secret], password=[secret])"
 
 
 def test_reprs_hide_the_token_and_the_request_body() -> None:
