@@ -44,13 +44,15 @@ class Handler(BaseHTTPRequestHandler):
         self, status: int, body: bytes, content_type: str = "application/json", headers: Mapping[str, str] | None = None
     ) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        bodiless = status in (204, 304)  # HTTP forbids them a body: it would spoil a kept-alive connection
+        if not bodiless:
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Demo-Upstream", "yes")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD" and not bodiless:
             self.wfile.write(body)
 
     def _handle(self) -> None:
