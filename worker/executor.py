@@ -298,7 +298,8 @@ def _call(
         outgoing.headers["Idempotency-Key"] = key  # the service can drop a repeat too
     if outgoing.method not in connection.template["verbs"]:
         raise errors.VerbNotAllowed()
-    return runtime.send_checked(client, outgoing, connection, deadline_s=deadline_s)
+    filled = [name for name, value in request.headers.items() if rules.secret_names(value)]
+    return runtime.send_checked(client, outgoing, connection, deadline_s=deadline_s, secret_headers=filled)
 
 
 def _auth(session: Session, connection: Connection, runtime: Runtime, used: list[str]) -> dict[str, Any]:

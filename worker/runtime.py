@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
@@ -88,15 +88,21 @@ class Runtime:
             raise errors.Blocked("the URL's scheme is not allowed")
         if connection is not None and parts.hostname.lower() not in connection.allowed_hosts:
             raise errors.Blocked("the host is not among the connection's allowed hosts")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            raise errors.Blocked("the URL's port is not valid") from None
         addresses = guard.checked_addresses(parts.hostname, port, resolve=self.resolve,
                                             allow_private=self.settings.allow_private_destinations)
         return parts.hostname, port, addresses
 
     def send_checked(self, client: httpx.Client, outgoing: render.Outgoing, connection: Connection, *,
-                     deadline_s: float | None = None) -> upstream.Captured:
+                     deadline_s: float | None = None, secret_headers: Iterable[str] = ()) -> upstream.Captured:
         """Send ``outgoing`` to its checked address, following up to ``MAX_REDIRECTS`` redirects
-        by hand, each hop checked again; credentials stay behind when the host changes."""
+        by hand, each hop checked again. Credentials stay behind when the origin changes: the
+        standard ones, the connection's auth headers, and ``secret_headers`` (filled from secrets)."""
+        private = CREDENTIALS | {name.lower() for name in connection.auth_header_values} | \
+            {name.lower() for name in secret_headers}
         for _ in range(MAX_REDIRECTS + 1):
             with guard.pinned(*self.destination(outgoing.url, connection)):
                 captured = upstream.send(client, outgoing, cap=self.settings.response_cap_bytes,
@@ -104,7 +110,7 @@ class Runtime:
             location = captured.headers.get("location")
             if captured.status_code not in REDIRECTS or not location:
                 return captured
-            outgoing = redirected(outgoing, captured.status_code, location)
+            outgoing = redirected(outgoing, captured.status_code, location, private)
         raise errors.TooManyRedirects()
 
     def token(self, session: Session, connection: Connection, client: httpx.Client, used: list[str]) -> Cached:
@@ -123,18 +129,32 @@ REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 
 
-def redirected(outgoing: render.Outgoing, status: int, location: str) -> render.Outgoing:
+CREDENTIALS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+
+def redirected(outgoing: render.Outgoing, status: int, location: str,
+               private: Collection[str] = CREDENTIALS) -> render.Outgoing:
     """The request a redirect asks for: 303 (and 301/302 after a POST) become a GET without a
-    body; a new host gets no Authorization or Cookie header."""
+    body; another origin (scheme, host or port) gets none of the ``private`` headers."""
     url = urljoin(outgoing.url, location)
     method, content, headers = outgoing.method, outgoing.content, dict(outgoing.headers)
     if status == 303 or (status in (301, 302) and method == "POST"):
         method = "GET" if method != "HEAD" else "HEAD"
         content = None
         headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
-    if urlsplit(url).netloc.lower() != urlsplit(outgoing.url).netloc.lower():
-        headers = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")}
+    if _origin(url) != _origin(outgoing.url):
+        headers = {k: v for k, v in headers.items() if k.lower() not in private}
     return render.Outgoing(method=method, url=url, headers=headers, query={}, content=content)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:  # not a port: refused when the hop is checked
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port or {"https": 443, "http": 80}.get(scheme)
 
 
 @dataclass

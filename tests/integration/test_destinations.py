@@ -18,8 +18,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from api_shim.demo_upstream import make_server
+from models import secrets
 from models.tables import Connection, Job, Request
-from tests.conftest import in_process_runtime, new_tenant, test_settings
+from models.vault import Vault
+from tests.conftest import TEST_MASTER_KEY, in_process_runtime, new_tenant, test_settings
 from worker.executor import run_job
 from worker.guard import system_resolver
 
@@ -48,14 +50,22 @@ def upstream() -> Iterator[Any]:
     thread.join(5)
 
 
-def _job(engine: Engine, url: str, hosts: list[str], headers: dict[str, str] | None = None) -> str:
+def _job(engine: Engine, url: str, hosts: list[str], headers: dict[str, str] | None = None,
+         auth_header_values: dict[str, str] | None = None, stored: dict[str, str] | None = None) -> str:
+    """A job of a GET to ``url`` on a connection to ``hosts``, with its own secrets ``stored``."""
     tenant_id, _key = new_tenant(engine, f"guard-{abs(hash((url, tuple(hosts))))}")
     with Session(engine) as session:
         connection = Connection(tenant_id=tenant_id, name="c", base_url=None, allowed_hosts=hosts,
-                                auth_header_values={},
+                                auth_header_values=auth_header_values or {},
                                 template={"service_name": "s", "integration_method": "rest", "auth_type": "none",
-                                          "auth_headers": [], "verbs": ["GET"]})
+                                          "auth_headers": [{"name": name, "required": True}
+                                                           for name in auth_header_values or {}],
+                                          "verbs": ["GET"]})
         session.add(connection)
+        session.commit()
+        for name, value in (stored or {}).items():
+            secrets.put(session, Vault.from_setting(TEST_MASTER_KEY), tenant_id=tenant_id,
+                        connection_id=connection.id, name=name, value=value)
         session.commit()
         request = Request(tenant_id=tenant_id, connection_id=connection.id, name="r", kind="manual", method="GET",
                           url=url, headers=headers or {}, query={}, body=None, media_type="application/json")
@@ -143,6 +153,28 @@ def test_redirects_among_allowed_hosts_are_followed_without_credentials_across_h
     assert [str(r.url) for r in recorder.seen] == ["https://api.example.com/a", "https://api.example.com/b",
                                                    "https://files.example.com/c"]
     assert [r.headers.get("authorization") for r in recorder.seen] == ["Bearer keep-me-home"] * 2 + [None]
+
+
+@pytest.mark.parametrize("elsewhere", ["https://files.example.com/c", "https://api.example.com:8443/c",
+                                       "http://api.example.com/c"], ids=["host", "port", "scheme"])
+def test_a_redirect_to_another_origin_carries_no_credential_of_any_kind(engine, database_url, elsewhere: str) -> None:
+    # Given a request whose credentials are a connection auth header, a header filled from a
+    # secret, a cookie and a bearer token, on a connection that allows both hosts
+    job_id = _job(engine, "https://api.example.com/a", ["api.example.com", "files.example.com"],
+                  headers={"X-Api-Key": "{{secrets.key}}", "Authorization": "Bearer t-1", "Cookie": "s=1",
+                           "Accept": "application/json"},
+                  auth_header_values={"X-Client-Id": "{{secrets.client}}"}, stored={"key": "k-1", "client": "c-1"})
+    recorder = Recorder(httpx.Response(302, headers={"Location": "/b"}),
+                        httpx.Response(302, headers={"Location": elsewhere}),
+                        httpx.Response(200, json={"done": True}))
+    # When the service redirects within its origin, then to another host, port or scheme
+    job = _run(engine, database_url, job_id, httpx.MockTransport(recorder), lambda host, port: [PUBLIC])
+    # Then the credentials went along the first hop and none of them to the other origin
+    assert job.status == "succeeded" and job.result["status_code"] == 200, job.error
+    private = ("x-api-key", "x-client-id", "authorization", "cookie")
+    assert [[r.headers.get(name) for name in private] for r in recorder.seen] == [
+        ["k-1", "c-1", "Bearer t-1", "s=1"], ["k-1", "c-1", "Bearer t-1", "s=1"], [None] * 4]
+    assert [r.headers.get("accept") for r in recorder.seen] == ["application/json"] * 3
 
 
 def test_more_than_five_redirects_fail(engine, database_url) -> None:
