@@ -119,9 +119,12 @@ class Leases:
                 continue
             if holds:
                 lease.renewed, renewed = started, renewed + 1
-            else:
-                lease.lost = True
-                job_event(log, "lease lost: the job was taken back or ended", lease.job_id, level=logging.WARNING,
+                continue
+            lease.lost = True
+            with self._lock:
+                running = (lease.job_id, lease.attempt) in self._held
+            if running:  # else the attempt just ended, which is why its job is no longer running
+                job_event(log, "lease lost: the job was taken back", lease.job_id, level=logging.WARNING,
                           attempt=lease.attempt)
         return renewed
 
